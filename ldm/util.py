@@ -1,0 +1,101 @@
+"""Small helpers shared across the package: config instantiation and tensor predicates.
+
+Public names kept from latent-diffusion (`ldm.util`): `instantiate_from_config`, `get_obj_from_str`,
+`exists`, `default`, `mean_flat`, `count_params`, `ismap`, `isimage`, `log_txt_as_img`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import textwrap
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+logger = logging.getLogger(__name__)
+
+# Config strings that stand for "no module" in latent-diffusion configs.
+_SENTINELS = ("__is_first_stage__", "__is_unconditional__")
+
+
+def get_obj_from_str(string: str, reload: bool = False) -> Any:
+    """Import `package.module.attr` and return `attr`; errors name the dotted path."""
+    module_name, _, attr = string.rpartition(".")
+    if not module_name:
+        raise ImportError(f"target '{string}' is not a dotted path 'module.attribute'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ImportError(f"cannot import module '{module_name}' for target '{string}': {e}") from e
+    if reload:
+        module = importlib.reload(module)
+    try:
+        return getattr(module, attr)
+    except AttributeError as e:
+        raise ImportError(f"module '{module_name}' has no attribute '{attr}' (target '{string}')") from e
+
+
+def instantiate_from_config(config: Mapping | str, **kwargs: Any) -> Any:
+    """Build `config.target(**config.params, **kwargs)`.
+
+    The extra keyword arguments (a Textual Inversion addition) let callers pass live objects, such as the
+    text encoder handed to the embedding manager. The two latent-diffusion sentinel strings give None.
+    """
+    if isinstance(config, str) and config in _SENTINELS:
+        return None
+    if not isinstance(config, Mapping) or "target" not in config:
+        raise KeyError("Expected key `target` to instantiate.")
+    params = dict(config.get("params", None) or {})
+    return get_obj_from_str(config["target"])(**params, **kwargs)
+
+
+def exists(x: Any) -> bool:
+    return x is not None
+
+
+def default(val: Any, d: Any) -> Any:
+    """`val` unless it is None; then `d`, called first if it is a function."""
+    if exists(val):
+        return val
+    return d() if callable(d) else d
+
+
+def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over all dimensions but the batch one."""
+    return tensor.mean(dim=list(range(1, tensor.ndim)))
+
+
+def count_params(model: torch.nn.Module, verbose: bool = False) -> int:
+    total = sum(p.numel() for p in model.parameters())
+    if verbose:
+        logger.info("%s has %.2f M params.", model.__class__.__name__, total * 1.0e-6)
+    return total
+
+
+def ismap(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] > 3
+
+
+def isimage(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] in (1, 3)
+
+
+def log_txt_as_img(wh: tuple[int, int], xc: list[str], size: int = 10) -> torch.Tensor:
+    """Render captions as black text on white images, [B, 3, H, W] in [-1, 1].
+
+    Uses Pillow's default bitmap font (the official fix for the missing DejaVuSans.ttf); lines wrap
+    every `int(40 * W / 256)` characters as upstream.
+    """
+    width = int(40 * (wh[0] / 256))
+    font = ImageFont.load_default()
+    out = []
+    for caption in xc:
+        canvas = Image.new("RGB", wh, color="white")
+        ImageDraw.Draw(canvas).text((0, 0), "\n".join(textwrap.wrap(caption, width)), fill="black", font=font)
+        arr = np.asarray(canvas, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+        out.append(torch.from_numpy(arr))
+    return torch.stack(out)
