@@ -1,7 +1,11 @@
 """Diffusion helpers: noise schedules, DDIM step selection, and small nn building blocks.
 
-Import path kept from latent-diffusion (`ldm.modules.diffusionmodules.util`), which took these from
-openai/improved-diffusion and guided-diffusion.
+Ported from CompVis/latent-diffusion@5a6571e (`ldm/modules/diffusionmodules/util.py`, import path kept), which
+took these from openai/improved-diffusion and guided-diffusion. Local changes:
+- `checkpoint` really checkpoints (non-reentrant `torch.utils.checkpoint`) when enabled with
+  `set_gradient_checkpointing(True)`; off by default, as in the official TI code, which hard-disabled it.
+- `GroupNorm32` also upcasts its affine parameters, so a half-precision UNet torso works (identical in fp32).
+- `CheckpointFunction`, `SiLU`, `HybridConditioner` and `betas_for_alpha_bar` (unused) are not carried over.
 
 Notation: `alphas_cumprod` is abar_t = prod_{s<=t} (1 - beta_s); schedules are computed in float64.
 """
@@ -13,6 +17,10 @@ import math
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from ldm.util import mean_flat  # noqa: F401  (re-exported: ldm imports it from here too)
 
 logger = logging.getLogger(__name__)
 
@@ -106,3 +114,123 @@ def noise_like(shape: tuple[int, ...], device: torch.device | str, repeat: bool 
         one = torch.randn((1, *shape[1:]), device=device, generator=generator)
         return one.repeat(shape[0], *((1,) * (len(shape) - 1)))
     return torch.randn(shape, device=device, generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------------
+# nn building blocks (used by openaimodel.py and attention.py)
+# ---------------------------------------------------------------------------------------------------
+
+# Local change (spec 8.4, bug B16): the official Textual Inversion code hard-disabled `checkpoint`, so the
+# configs' `use_checkpoint: True` never saved memory. Here it is an explicit, process-wide opt-in; the default
+# (False) keeps the official behaviour (full activations kept) for faithful timing and memory reports.
+_GRADIENT_CHECKPOINTING = False
+
+
+def set_gradient_checkpointing(enabled: bool) -> None:
+    """Turn activation (gradient) checkpointing on or off for every block whose `flag` asks for it.
+
+    Uses non-reentrant `torch.utils.checkpoint`, which works with frozen parameters (the reason the official
+    code disabled its reentrant `CheckpointFunction`) and gives identical numerics.
+    """
+    global _GRADIENT_CHECKPOINTING
+    _GRADIENT_CHECKPOINTING = bool(enabled)
+
+
+def get_gradient_checkpointing() -> bool:
+    """Whether `set_gradient_checkpointing(True)` is in effect."""
+    return _GRADIENT_CHECKPOINTING
+
+
+def checkpoint(func, inputs, params, flag: bool):
+    """Evaluate `func(*inputs)`, recomputing its activations in the backward pass when asked to.
+
+    Checkpointing happens only if it was enabled with `set_gradient_checkpointing(True)`, `flag` is true and
+    autograd is recording; otherwise `func` runs directly (the official behaviour).
+
+    :param func: the function to evaluate.
+    :param inputs: sequence of arguments for `func` (tensors or None).
+    :param params: accepted for API compatibility with ldm and unused: the non-reentrant implementation
+        finds the parameters `func` uses by itself.
+    :param flag: the block's own `use_checkpoint` setting.
+    """
+    if _GRADIENT_CHECKPOINTING and flag and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
+    return func(*inputs)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000,
+                       repeat_only: bool = False) -> torch.Tensor:
+    """Sinusoidal timestep embeddings, [B] -> [B, dim], float32 (or the raw timestep repeated).
+
+    freqs_k = exp(-ln(max_period) * k / half) for k = 0..half-1 (half = dim // 2), args = t * freqs and the
+    embedding is [cos(args), sin(args)] (cos first, as ldm), zero-padded by one column when `dim` is odd.
+    With `repeat_only` the raw timestep is repeated `dim` times instead.
+    """
+    if repeat_only:
+        return timesteps[:, None].expand(timesteps.shape[0], dim).contiguous()
+    half = dim // 2
+    # Computed on the CPU, as the official code does, then moved: keeps the frequencies bit-identical on
+    # every device (a 1-ulp difference in a frequency becomes ~1e-4 in cos(t * f) at t ~ 1000).
+    freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
+    args = timesteps[:, None].float() * freqs[None].to(device=timesteps.device)
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero the parameters of `module` in place and return it."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def scale_module(module: nn.Module, scale: float) -> nn.Module:
+    """Multiply the parameters of `module` by `scale` in place and return it."""
+    for p in module.parameters():
+        p.detach().mul_(scale)
+    return module
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm that normalises in float32 and casts the result back to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The affine parameters are upcast too, so a half-precision torso (UNetModel.convert_to_fp16) works;
+        # for float32 weights `.float()` is the identity, i.e. exactly the official computation.
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return nn.functional.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
+
+
+def normalization(channels: int) -> nn.Module:
+    """The UNet's standard normalisation layer: GroupNorm32 with 32 groups (eps 1e-5)."""
+    return GroupNorm32(32, channels)
+
+
+def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """A 1-D, 2-D or 3-D convolution module."""
+    if dims == 1:
+        return nn.Conv1d(*args, **kwargs)
+    if dims == 2:
+        return nn.Conv2d(*args, **kwargs)
+    if dims == 3:
+        return nn.Conv3d(*args, **kwargs)
+    raise ValueError(f"unsupported dimensions: {dims} (expected 1, 2 or 3)")
+
+
+def linear(*args, **kwargs) -> nn.Module:
+    """A linear module (nn.Linear)."""
+    return nn.Linear(*args, **kwargs)
+
+
+def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """A 1-D, 2-D or 3-D average-pooling module."""
+    if dims == 1:
+        return nn.AvgPool1d(*args, **kwargs)
+    if dims == 2:
+        return nn.AvgPool2d(*args, **kwargs)
+    if dims == 3:
+        return nn.AvgPool3d(*args, **kwargs)
+    raise ValueError(f"unsupported dimensions: {dims} (expected 1, 2 or 3)")
