@@ -28,3 +28,54 @@ def fixture_path(*parts: str) -> Path:
 def _torch_defaults():
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     yield
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny parity models (../shared/fixtures/parity/{ldm_tiny,sd_tiny})
+# ---------------------------------------------------------------------------------------------------
+
+PARITY_NAMES = ("ldm_tiny", "sd_tiny")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-5, what=""):
+    """max|a - b| <= rtol * max|b| + atol (the fixtures' suggested tolerance, relative to the tensor's max)."""
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    bound = rtol * expected.abs().max().item() + atol
+    assert err <= bound, f"{what}: max abs diff {err:.3g} > {bound:.3g}"
+    return err
+
+
+def parity_config(name: str, num_vectors: int = 1):
+    """The fixture's config with offline tokenizer/text-config paths added to the cond stage."""
+    from omegaconf import OmegaConf
+
+    folder = fixture_path("parity", name)
+    cfg = OmegaConf.load(folder / "config.yaml")
+    cond = cfg.model.params.cond_stage_config.params
+    if name == "sd_tiny":
+        cond.tokenizer_path = str(fixture_path("tokenizers", "clip"))
+        cond.text_config = str(folder / "clip_text_config.json")
+    else:
+        cond.tokenizer_path = str(fixture_path("tokenizers", "bert-base-uncased"))
+    cfg.model.params.personalization_config.params.num_vectors_per_token = num_vectors
+    return cfg
+
+
+def build_parity_model(name: str, tmp_dir: Path, num_vectors: int = 1):
+    """Build the tiny model as the reference did (spec in parity/README.md, "How the weights were made"):
+    base weights (everything but the embedding manager) written as a Lightning-style .ckpt and loaded by
+    the constructor before the embedding manager is created from the loaded text encoder."""
+    from safetensors.torch import load_file
+
+    from ldm.util import instantiate_from_config
+
+    sd = load_file(str(fixture_path("parity", name, "model.safetensors")))
+    base = {k: v for k, v in sd.items() if not k.startswith("embedding_manager.")}
+    ckpt = Path(tmp_dir) / f"{name}_base.ckpt"
+    if not ckpt.exists():
+        torch.save({"state_dict": base}, ckpt)
+    cfg = parity_config(name, num_vectors)
+    cfg.model.params.ckpt_path = str(ckpt)
+    return instantiate_from_config(cfg.model)

@@ -1,0 +1,526 @@
+"""Denoising diffusion models: pixel-space `DDPM` and `LatentDiffusion` (Rombach et al. 2022).
+
+Ported from CompVis/latent-diffusion@5a6571e with the Textual Inversion changes of
+rinongal/textual_inversion@424192d (spec section 5). Class names, constructor arguments and buffer names
+are kept (configs and checkpoints use them). Local changes:
+- the schedule table lives in `ddpm_schedule.py`, the Textual Inversion delta in `textual_inversion.py`;
+- `personalization_config` is optional (vanilla ldm configs build again, B29);
+- checkpoints load strictly through `ldm.checkpoint` (no silent `strict=False`);
+- `logvar` is a non-persistent buffer, so it follows the device (B13);
+- randomness is injectable: `t`, `noise` and the posterior noise can be passed in;
+- logging instead of print; ancestral DDPM sampling and the patch-wise (split-input) paths are left out:
+  no text-to-image config or Textual Inversion script uses them.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from einops import rearrange
+from torch import nn
+
+from ldm.checkpoint import load_state_dict_into, read_state_dict
+from ldm.models.diffusion.ddpm_schedule import SCHEDULE_BUFFERS, lvlb_weights, schedule_table
+from ldm.models.diffusion.textual_inversion import (
+    build_embedding_manager,
+    embedding_regularization,
+    freeze,
+    make_optimizer,
+)
+from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.ema import LitEma
+from ldm.util import count_params, default, instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+__conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
+
+
+class DDPM(pl.LightningModule):
+    """Gaussian diffusion with a denoiser `self.model` (a `DiffusionWrapper` around the UNet)."""
+
+    def __init__(
+        self,
+        unet_config,
+        timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        loss_type: str = "l2",
+        ckpt_path: str | None = None,
+        ignore_keys=(),
+        load_only_unet: bool = False,
+        monitor: str | None = "val/loss",
+        use_ema: bool = True,
+        first_stage_key: str = "image",
+        image_size: int = 256,
+        channels: int = 3,
+        log_every_t: int = 100,
+        clip_denoised: bool = True,
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+        given_betas=None,
+        original_elbo_weight: float = 0.0,
+        embedding_reg_weight: float = 0.0,
+        unfreeze_model: bool = False,
+        model_lr: float = 0.0,
+        v_posterior: float = 0.0,
+        l_simple_weight: float = 1.0,
+        conditioning_key: str | None = None,
+        parameterization: str = "eps",
+        scheduler_config=None,
+        use_positional_encodings: bool = False,
+        learn_logvar: bool = False,
+        logvar_init: float = 0.0,
+    ):
+        super().__init__()
+        if parameterization not in ("eps", "x0"):
+            raise ValueError(f"parameterization must be 'eps' or 'x0', got '{parameterization}'")
+        if loss_type not in ("l1", "l2"):
+            raise ValueError(f"loss_type must be 'l1' or 'l2', got '{loss_type}'")
+        if scheduler_config is not None:
+            raise NotImplementedError("scheduler_config: learning-rate schedulers are not supported")
+        if use_positional_encodings:
+            raise NotImplementedError("use_positional_encodings is not supported")
+        self.parameterization = parameterization
+        logger.info("%s: Running in %s-prediction mode", type(self).__name__, parameterization)
+        self.cond_stage_model = None
+        self.clip_denoised = clip_denoised
+        self.log_every_t = log_every_t
+        self.first_stage_key = first_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.use_positional_encodings = use_positional_encodings
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        count_params(self.model, verbose=True)
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.model)
+        self.use_scheduler = False
+        self.v_posterior = v_posterior
+        self.original_elbo_weight = original_elbo_weight
+        self.l_simple_weight = l_simple_weight
+        self.embedding_reg_weight = embedding_reg_weight
+        self.unfreeze_model = unfreeze_model
+        self.model_lr = model_lr
+        if monitor is not None:
+            self.monitor = monitor
+        self.loss_type = loss_type
+        self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        self.learn_logvar = learn_logvar
+        logvar = torch.full((self.num_timesteps,), fill_value=logvar_init)
+        if learn_logvar:
+            self.logvar = nn.Parameter(logvar, requires_grad=True)
+        else:
+            self.register_buffer("logvar", logvar, persistent=False)
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+
+    # -- schedule ------------------------------------------------------------------------------------
+
+    def register_schedule(self, given_betas=None, beta_schedule="linear", timesteps=1000,
+                          linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
+        betas = given_betas if given_betas is not None else make_beta_schedule(
+            beta_schedule, timesteps, linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s
+        )
+        betas = np.asarray(betas, dtype=np.float64)
+        self.num_timesteps = int(betas.shape[0])
+        self.linear_start, self.linear_end = linear_start, linear_end
+        table = schedule_table(betas, self.v_posterior)
+        for name in SCHEDULE_BUFFERS:
+            self.register_buffer(name, torch.tensor(table[name], dtype=torch.float32))
+        weights = lvlb_weights({n: getattr(self, n) for n in SCHEDULE_BUFFERS}, self.parameterization)
+        self.register_buffer("lvlb_weights", weights, persistent=False)
+
+    # -- checkpoints and EMA -------------------------------------------------------------------------
+
+    def init_from_ckpt(self, path, ignore_keys=(), only_model=False):
+        """Load a checkpoint strictly (see `ldm.checkpoint`); embedding-manager keys may be missing."""
+        if only_model:
+            sd, _ = read_state_dict(path)
+            sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+            return load_state_dict_into(self.model, sd, ignore_keys=ignore_keys)
+        return load_state_dict_into(self, path, ignore_keys=ignore_keys)
+
+    @contextmanager
+    def ema_scope(self, context: str | None = None):
+        """Run the block with the EMA weights of `self.model` (a no-op when `use_ema` is false)."""
+        if self.use_ema:
+            self.model_ema.store(self.model.parameters())
+            self.model_ema.copy_to(self.model)
+            if context is not None:
+                logger.info("%s: Switched to EMA weights", context)
+        try:
+            yield None
+        finally:
+            if self.use_ema:
+                self.model_ema.restore(self.model.parameters())
+                if context is not None:
+                    logger.info("%s: Restored training weights", context)
+
+    def on_train_batch_end(self, *args, **kwargs):
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    # -- forward process -----------------------------------------------------------------------------
+
+    def q_mean_variance(self, x_start, t):
+        mean = extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+        variance = extract_into_tensor(1.0 - self.alphas_cumprod, t, x_start.shape)
+        log_variance = extract_into_tensor(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        return mean, variance, log_variance
+
+    def predict_start_from_noise(self, x_t, t, noise):
+        return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
+
+    def q_posterior(self, x_start, x_t, t):
+        mean = (extract_into_tensor(self.posterior_mean_coef1, t, x_t.shape) * x_start
+                + extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t)
+        variance = extract_into_tensor(self.posterior_variance, t, x_t.shape)
+        log_variance = extract_into_tensor(self.posterior_log_variance_clipped, t, x_t.shape)
+        return mean, variance, log_variance
+
+    def q_sample(self, x_start, t, noise=None):
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+        noise = default(noise, lambda: torch.randn_like(x_start))
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+
+    def get_loss(self, pred, target, mean=True):
+        if self.loss_type == "l1":
+            loss = (target - pred).abs()
+            return loss.mean() if mean else loss
+        return torch.nn.functional.mse_loss(target, pred, reduction="mean" if mean else "none")
+
+    def sample_timesteps(self, batch_size: int) -> torch.Tensor:
+        """Uniform t in [0, T) per sample, on the model's device (the reference's draw)."""
+        return torch.randint(0, self.num_timesteps, (batch_size,), device=self.device).long()
+
+    def diffusion_loss(self, model_output, target, t, prefix):
+        """The ldm objective from the per-element error; returns (loss, loss_dict)."""
+        loss_dict = {}
+        per_sample = self.get_loss(model_output, target, mean=False).mean(dim=list(range(1, target.ndim)))
+        loss_dict[f"{prefix}/loss_simple"] = per_sample.mean()
+        logvar_t = self.logvar[t]
+        loss = per_sample / torch.exp(logvar_t) + logvar_t
+        if self.learn_logvar:
+            loss_dict[f"{prefix}/loss_gamma"] = loss.mean()
+            loss_dict["logvar"] = self.logvar.data.mean()
+        loss = self.l_simple_weight * loss.mean()
+        loss_vlb = (self.lvlb_weights[t] * per_sample).mean()
+        loss_dict[f"{prefix}/loss_vlb"] = loss_vlb
+        loss = loss + self.original_elbo_weight * loss_vlb
+        loss_dict[f"{prefix}/loss"] = loss
+        return loss, loss_dict
+
+    def p_losses(self, x_start, t, noise=None):
+        noise = default(noise, lambda: torch.randn_like(x_start))
+        model_out = self.model(self.q_sample(x_start, t, noise), t)
+        target = noise if self.parameterization == "eps" else x_start
+        return self.diffusion_loss(model_out, target, t, "train" if self.training else "val")
+
+    def forward(self, x, *args, t=None, noise=None, **kwargs):
+        t = default(t, lambda: self.sample_timesteps(x.shape[0]))
+        return self.p_losses(x, t, *args, noise=noise, **kwargs)
+
+    # -- Lightning -----------------------------------------------------------------------------------
+
+    def get_input(self, batch, k):
+        """Batch images [B, H, W, C] (channel-last, as the datasets give) -> [B, C, H, W] float."""
+        x = batch[k]
+        if x.ndim == 3:
+            x = x[..., None]
+        return rearrange(x, "b h w c -> b c h w").to(memory_format=torch.contiguous_format).float()
+
+    def shared_step(self, batch, **kwargs):
+        return self(self.get_input(batch, self.first_stage_key), **kwargs)
+
+    def training_step(self, batch, batch_idx):
+        loss, loss_dict = self.shared_step(batch)
+        self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True)
+        self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True, on_epoch=False)
+        return loss
+
+    @torch.no_grad()
+    def validation_step(self, batch, batch_idx):
+        _, loss_dict = self.shared_step(batch)
+        with self.ema_scope():
+            _, loss_dict_ema = self.shared_step(batch)
+        loss_dict_ema = {f"{k}_ema": v for k, v in loss_dict_ema.items()}
+        self.log_dict(loss_dict, prog_bar=False, logger=True, on_step=False, on_epoch=True)
+        self.log_dict(loss_dict_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True)
+
+    def configure_optimizers(self):
+        params = list(self.model.parameters())
+        if self.learn_logvar:
+            params.append(self.logvar)
+        return torch.optim.AdamW(params, lr=self.learning_rate)
+
+
+class LatentDiffusion(DDPM):
+    """Diffusion in the latent space of a frozen first stage, conditioned by a text encoder.
+
+    With a `personalization_config` (Textual Inversion), the UNet and the text encoder are frozen and an
+    embedding manager supplies the trainable pseudo-word vectors (`textual_inversion.py`).
+    """
+
+    def __init__(
+        self,
+        first_stage_config,
+        cond_stage_config,
+        personalization_config=None,
+        num_timesteps_cond=None,
+        cond_stage_key="image",
+        cond_stage_trainable=False,
+        concat_mode=True,
+        cond_stage_forward=None,
+        conditioning_key=None,
+        scale_factor=1.0,
+        scale_by_std=False,
+        *args,
+        **kwargs,
+    ):
+        self.num_timesteps_cond = default(num_timesteps_cond, 1)
+        self.scale_by_std = scale_by_std
+        timesteps = kwargs.get("timesteps", 1000)
+        if self.num_timesteps_cond > timesteps:
+            raise ValueError(f"num_timesteps_cond ({self.num_timesteps_cond}) exceeds timesteps ({timesteps})")
+        if self.num_timesteps_cond > 1:
+            raise NotImplementedError("num_timesteps_cond > 1 (shortened conditioning schedule) is not supported")
+        if conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        if cond_stage_config == "__is_unconditional__":
+            conditioning_key = None
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        ignore_keys = kwargs.pop("ignore_keys", ())
+        super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
+        self.concat_mode = concat_mode
+        self.cond_stage_trainable = cond_stage_trainable
+        self.cond_stage_key = cond_stage_key
+        try:
+            self.num_downs = len(first_stage_config.params.ddconfig.ch_mult) - 1
+        except (AttributeError, KeyError):
+            self.num_downs = 0
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(scale_factor))
+        else:
+            self.scale_factor = scale_factor
+        self.instantiate_first_stage(first_stage_config)
+        self.instantiate_cond_stage(cond_stage_config)
+        self.cond_stage_forward = cond_stage_forward
+        self.clip_denoised = False
+        self.restarted_from_ckpt = False
+        self.embedding_manager = None
+        manager_state = {}
+        if ckpt_path is not None:
+            manager_state = self.init_from_ckpt(ckpt_path, ignore_keys)
+            self.restarted_from_ckpt = True
+
+        if personalization_config is not None:
+            # Textual Inversion: the manager is built after the weights are loaded, so its initial vectors
+            # come from the loaded text encoder (reference order of construction, spec 5.5).
+            if not self.unfreeze_model:
+                freeze(self.cond_stage_model)
+                freeze(self.model)
+            self.embedding_manager = build_embedding_manager(personalization_config, self.cond_stage_model)
+            if manager_state:
+                load_state_dict_into(self.embedding_manager, manager_state, allow_missing=("initial_embeddings.",),
+                                     source_name=f"{ckpt_path} (embedding_manager.*)")
+        elif manager_state:
+            logger.info("ignored %d embedding_manager.* tensors of %s: no personalization_config",
+                        len(manager_state), ckpt_path)
+
+    def init_from_ckpt(self, path, ignore_keys=(), only_model=False):
+        """Load everything but the embedding manager strictly; return the manager's tensors (prefix
+        stripped), which can only be loaded once the manager exists."""
+        if only_model:
+            super().init_from_ckpt(path, ignore_keys, only_model=True)
+            return {}
+        sd, _ = read_state_dict(path)
+        prefix = "embedding_manager."
+        manager_state = {k[len(prefix):]: sd.pop(k) for k in list(sd) if k.startswith(prefix)}
+        load_state_dict_into(self, sd, ignore_keys=ignore_keys, source_name=str(path))
+        return manager_state
+
+    # -- stages --------------------------------------------------------------------------------------
+
+    def instantiate_first_stage(self, config):
+        self.first_stage_model = instantiate_from_config(config)
+        freeze(self.first_stage_model)
+
+    def instantiate_cond_stage(self, config):
+        if self.cond_stage_trainable:
+            # Trainable: the text encoder runs inside the autograd graph in forward() (spec 5.6).
+            self.cond_stage_model = instantiate_from_config(config)
+            return
+        if config == "__is_first_stage__":
+            self.cond_stage_model = self.first_stage_model
+        elif config == "__is_unconditional__":
+            self.cond_stage_model = None
+        else:
+            self.cond_stage_model = instantiate_from_config(config)
+            freeze(self.cond_stage_model)
+
+    # -- first stage ---------------------------------------------------------------------------------
+
+    def get_first_stage_encoding(self, encoder_posterior, noise=None):
+        """scale_factor * z, with z sampled from the posterior (CPU-drawn noise unless given)."""
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample(noise=noise)
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise NotImplementedError(f"encoder_posterior of type '{type(encoder_posterior)}' not yet implemented")
+        return self.scale_factor * z
+
+    @torch.no_grad()
+    def encode_first_stage(self, x):
+        return self.first_stage_model.encode(x)
+
+    def differentiable_decode_first_stage(self, z, predict_cids=False, force_not_quantize=False):
+        if predict_cids:
+            raise NotImplementedError("predict_cids is not supported")
+        z = (1.0 / self.scale_factor) * z  # multiply by the reciprocal, as the reference (1-ulp exact)
+        if hasattr(self.first_stage_model, "quantize"):
+            return self.first_stage_model.decode(z, force_not_quantize=force_not_quantize)
+        return self.first_stage_model.decode(z)
+
+    @torch.no_grad()
+    def decode_first_stage(self, z, predict_cids=False, force_not_quantize=False):
+        return self.differentiable_decode_first_stage(z, predict_cids, force_not_quantize)
+
+    # -- conditioning --------------------------------------------------------------------------------
+
+    def get_learned_conditioning(self, c):
+        """Encode conditioning (e.g. a list of prompts); every encode goes through the embedding manager."""
+        if self.cond_stage_forward is None:
+            if callable(getattr(self.cond_stage_model, "encode", None)):
+                c = self.cond_stage_model.encode(c, embedding_manager=self.embedding_manager)
+                if isinstance(c, DiagonalGaussianDistribution):
+                    c = c.mode()
+                return c
+            return self.cond_stage_model(c)
+        return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+
+    @torch.no_grad()
+    def get_input(self, batch, k, return_first_stage_outputs=False, force_c_encode=False, cond_key=None,
+                  return_original_cond=False, bs=None, posterior_noise=None):
+        """Return [z, c] (+ x, decoded z, original cond when asked) for a batch; no gradients.
+
+        With a trainable cond stage (every TI config) `c` stays raw text, encoded later with grad.
+        """
+        x = super().get_input(batch, k)
+        if bs is not None:
+            x = x[:bs]
+        x = x.to(self.device)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x), noise=posterior_noise).detach()
+
+        c = xc = None
+        if self.model.conditioning_key is not None:
+            cond_key = default(cond_key, self.cond_stage_key)
+            if cond_key != self.first_stage_key:
+                if cond_key in ("caption", "coordinates_bbox", "txt"):
+                    xc = batch[cond_key]
+                elif cond_key == "class_label":
+                    xc = batch
+                else:
+                    xc = super().get_input(batch, cond_key).to(self.device)
+            else:
+                xc = x
+            c = xc
+            if not self.cond_stage_trainable or force_c_encode:
+                c = self.get_learned_conditioning(xc if isinstance(xc, (dict, list)) else xc.to(self.device))
+            if bs is not None:
+                c = c[:bs]
+        out = [z, c]
+        if return_first_stage_outputs:
+            out.extend([x, self.decode_first_stage(z)])
+        if return_original_cond:
+            out.append(xc)
+        return out
+
+    def shared_step(self, batch, posterior_noise=None, **kwargs):
+        x, c = self.get_input(batch, self.first_stage_key, posterior_noise=posterior_noise)
+        return self(x, c, **kwargs)
+
+    def forward(self, x, c, *args, t=None, noise=None, **kwargs):
+        t = default(t, lambda: self.sample_timesteps(x.shape[0]))
+        if self.model.conditioning_key is not None:
+            if c is None:
+                raise ValueError("conditioning is required for a conditional model")
+            if self.cond_stage_trainable:
+                c = self.get_learned_conditioning(c)
+        return self.p_losses(x, c, t, *args, noise=noise, **kwargs)
+
+    # -- denoiser and loss ---------------------------------------------------------------------------
+
+    def apply_model(self, x_noisy, t, cond, return_ids=False):
+        """eps_theta(x_t, t, cond); a bare tensor or list cond goes under c_concat or c_crossattn."""
+        if return_ids:
+            raise NotImplementedError("return_ids is not supported")
+        if not isinstance(cond, dict):
+            if not isinstance(cond, list):
+                cond = [cond]
+            key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
+            cond = {key: cond}
+        out = self.model(x_noisy, t, **cond)
+        return out[0] if isinstance(out, tuple) else out
+
+    def p_losses(self, x_start, cond, t, noise=None):
+        """The ldm objective (spec 5.7) plus the optional embedding regulariser of Textual Inversion."""
+        noise = default(noise, lambda: torch.randn_like(x_start))
+        model_output = self.apply_model(self.q_sample(x_start, t, noise), t, cond)
+        target = noise if self.parameterization == "eps" else x_start
+        prefix = "train" if self.training else "val"
+        loss, loss_dict = self.diffusion_loss(model_output, target, t, prefix)
+        if self.embedding_reg_weight > 0 and self.embedding_manager is not None:
+            reg = embedding_regularization(self.embedding_manager)
+            loss_dict[f"{prefix}/loss_emb_reg"] = reg
+            loss = loss + self.embedding_reg_weight * reg
+            loss_dict[f"{prefix}/loss"] = loss
+        return loss, loss_dict
+
+    # -- optimisation --------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        if self.embedding_manager is None:
+            params = list(self.model.parameters())
+            if self.cond_stage_trainable:
+                params += list(self.cond_stage_model.parameters())
+            if self.learn_logvar:
+                params.append(self.logvar)
+            return torch.optim.AdamW(params, lr=self.learning_rate)
+        extra = None
+        if self.unfreeze_model:
+            extra = list(self.cond_stage_model.parameters()) + list(self.model.parameters())
+        return make_optimizer(self.embedding_manager, self.learning_rate, extra, self.model_lr)
+
+
+class DiffusionWrapper(pl.LightningModule):
+    """Holds the UNet as `diffusion_model` (checkpoint keys `model.diffusion_model.*`) and routes the
+    conditioning by `conditioning_key`."""
+
+    def __init__(self, diff_model_config, conditioning_key):
+        super().__init__()
+        if conditioning_key not in (None, "concat", "crossattn", "hybrid", "adm"):
+            raise ValueError(f"unknown conditioning_key '{conditioning_key}'")
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x, t, c_concat: list | None = None, c_crossattn: list | None = None) -> Any:
+        key = self.conditioning_key
+        if key is None:
+            return self.diffusion_model(x, t)
+        if key == "concat":
+            return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t)
+        if key == "crossattn":
+            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
+        if key == "hybrid":
+            return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t, context=torch.cat(c_crossattn, 1))
+        return self.diffusion_model(x, t, y=c_crossattn[0])

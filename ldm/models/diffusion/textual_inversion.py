@@ -1,0 +1,57 @@
+"""What Textual Inversion changes in latent diffusion, in one place (spec sections 5.5, 5.7, 5.8).
+
+1. Freezing: the UNet and the text encoder are frozen and kept in eval mode, unless `unfreeze_model`.
+2. The embedding manager is built on the text encoder and optionally loaded from a file.
+3. The optimiser trains the placeholder vectors only (AdamW, torch defaults incl. weight decay 0.01),
+   or, with `unfreeze_model`, adds the UNet and text encoder as a second group at `model_lr`.
+4. The optional regulariser pulls the vectors towards their initializer embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ldm.util import instantiate_from_config
+
+
+def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """Replacement for `nn.Module.train` on frozen submodules: they stay in eval mode."""
+    return self
+
+
+def freeze(module: nn.Module) -> None:
+    """Put `module` in eval mode for good and stop gradients to its parameters."""
+    module.eval()
+    module.train = disabled_train.__get__(module)
+    for p in module.parameters():
+        p.requires_grad = False
+
+
+def build_embedding_manager(config: Mapping, embedder: nn.Module) -> nn.Module:
+    """Instantiate the `personalization_config` on `embedder`; load `embedding_manager_ckpt` if set."""
+    manager = instantiate_from_config(config, embedder=embedder)
+    ckpt = (config.get("params") or {}).get("embedding_manager_ckpt")
+    if ckpt:
+        manager.load(ckpt)
+    for p in manager.embedding_parameters():
+        p.requires_grad = True
+    return manager
+
+
+def make_optimizer(
+    manager: nn.Module, lr: float, extra_params: list[nn.Parameter] | None = None, model_lr: float = 0.0
+) -> torch.optim.Optimizer:
+    """AdamW over the placeholder vectors (lr), plus `extra_params` at `model_lr` when unfrozen."""
+    embedding_params = list(manager.embedding_parameters())
+    if extra_params is None:
+        return torch.optim.AdamW(embedding_params, lr=lr)
+    return torch.optim.AdamW([{"params": embedding_params, "lr": lr}, {"params": extra_params}], lr=model_lr)
+
+
+def embedding_regularization(manager: nn.Module) -> torch.Tensor:
+    """Official regulariser value: mean of the [k, k] Gram matrix of (p - p_init) / P."""
+    loss = manager.embedding_to_coarse_loss()
+    return loss.mean() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
