@@ -15,6 +15,7 @@ are kept (configs and checkpoints use them). Local changes:
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,14 +29,17 @@ from ldm.checkpoint import load_state_dict_into, read_state_dict
 from ldm.models.diffusion.ddpm_schedule import SCHEDULE_BUFFERS, lvlb_weights, schedule_table
 from ldm.models.diffusion.textual_inversion import (
     build_embedding_manager,
+    complete_state_dict,
     embedding_regularization,
     freeze,
     make_optimizer,
+    save_embedding_files,
+    slim_state_dict,
 )
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.util import count_params, default, instantiate_from_config
+from ldm.util import count_params, default, instantiate_from_config, log_txt_as_img
 
 logger = logging.getLogger(__name__)
 
@@ -486,6 +490,48 @@ class LatentDiffusion(DDPM):
             loss_dict[f"{prefix}/loss"] = loss
         return loss, loss_dict
 
+    # -- sampling and preview images ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_log(self, cond, batch_size, ddim=True, ddim_steps=200, **kwargs):
+        """DDIM samples of latent shape (channels, image_size, image_size); returns (samples, intermediates)."""
+        if not ddim:
+            raise NotImplementedError("ancestral (non-DDIM) sampling is not supported; use ddim=True")
+        from ldm.models.diffusion.ddim import DDIMSampler
+
+        shape = (self.channels, self.image_size, self.image_size)
+        return DDIMSampler(self).sample(ddim_steps, batch_size, shape, cond, verbose=False, **kwargs)
+
+    @torch.no_grad()
+    def log_images(self, batch, N=8, n_row=4, sample=True, ddim_steps=200, ddim_eta=1.0, return_keys=None,
+                   quantize_denoised=True, inpaint=False, plot_denoise_rows=False, plot_progressive_rows=False,
+                   plot_diffusion_rows=False, unconditional_guidance_scale=5.0, split=None):
+        """Preview panels in [-1, 1] (spec 5.9): inputs, reconstruction, conditioning (captions as images),
+        samples (DDIM, eta 1, no guidance) and samples_scaled (same with guidance 5, the TI addition).
+        `split` ("train"/"val", passed by the ImageLogger) does not change the panels."""
+        if inpaint or plot_denoise_rows or plot_progressive_rows or plot_diffusion_rows:
+            raise NotImplementedError("inpaint and denoise/progressive/diffusion rows are not supported")
+        z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
+                                           force_c_encode=True, return_original_cond=True, bs=N)
+        n = min(x.shape[0], N)
+        log = {"inputs": x, "reconstruction": xrec}
+        if self.model.conditioning_key is not None and self.cond_stage_key in ("caption", "txt"):
+            log["conditioning"] = log_txt_as_img((x.shape[2], x.shape[3]), list(xc)[:n]).to(x)
+        if sample:
+            with self.ema_scope("Plotting"):
+                samples, _ = self.sample_log(c, n, ddim_steps=ddim_steps, eta=ddim_eta)
+            log["samples"] = self.decode_first_stage(samples)
+            if self.cond_stage_model is not None and self.cond_stage_key in ("caption", "txt"):
+                uc = self.get_learned_conditioning(n * [""])
+                with self.ema_scope("Plotting"):
+                    samples, _ = self.sample_log(c, n, ddim_steps=ddim_steps, eta=ddim_eta,
+                                                 unconditional_guidance_scale=unconditional_guidance_scale,
+                                                 unconditional_conditioning=uc)
+                log["samples_scaled"] = self.decode_first_stage(samples)
+        if return_keys:
+            log = {k: v for k, v in log.items() if k in return_keys} or log
+        return log
+
     # -- optimisation --------------------------------------------------------------------------------
 
     def configure_optimizers(self):
@@ -500,6 +546,23 @@ class LatentDiffusion(DDPM):
         if self.unfreeze_model:
             extra = list(self.cond_stage_model.parameters()) + list(self.model.parameters())
         return make_optimizer(self.embedding_manager, self.learning_rate, extra, self.model_lr)
+
+    # -- checkpoints (Textual Inversion) -------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint):
+        if self.embedding_manager is None:
+            return
+        if not self.unfreeze_model:
+            checkpoint["state_dict"] = slim_state_dict(checkpoint["state_dict"])
+            checkpoint["textual_inversion_slim"] = True
+        trainer = self._trainer
+        dirpath = getattr(getattr(trainer, "checkpoint_callback", None), "dirpath", None)
+        if trainer is not None and trainer.is_global_zero and dirpath and os.path.isdir(dirpath):
+            save_embedding_files(self.embedding_manager, dirpath, self.global_step)
+
+    def on_load_checkpoint(self, checkpoint):
+        if checkpoint.pop("textual_inversion_slim", False):
+            checkpoint["state_dict"] = complete_state_dict(checkpoint["state_dict"], self.state_dict())
 
 
 class DiffusionWrapper(pl.LightningModule):

@@ -5,10 +5,15 @@
 3. The optimiser trains the placeholder vectors only (AdamW, torch defaults incl. weight decay 0.01),
    or, with `unfreeze_model`, adds the UNet and text encoder as a second group at `model_lr`.
 4. The optional regulariser pulls the vectors towards their initializer embedding.
+5. Checkpoints: every Lightning checkpoint also writes `embeddings.pt` and `embeddings_gs-<step>.pt`
+   next to it. The reference emptied the Lightning checkpoint (so `--resume` could never work, B2); here it
+   keeps only the trainable tensors (a few KB: vectors, optimizer moments, step), and the frozen weights
+   are taken from the model being resumed.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import torch
@@ -55,3 +60,22 @@ def embedding_regularization(manager: nn.Module) -> torch.Tensor:
     """Official regulariser value: mean of the [k, k] Gram matrix of (p - p_init) / P."""
     loss = manager.embedding_to_coarse_loss()
     return loss.mean() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+
+
+MANAGER_PREFIX = "embedding_manager."
+
+
+def slim_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The embedding manager's tensors only: all a frozen-model checkpoint needs."""
+    return {k: v for k, v in state_dict.items() if k.startswith(MANAGER_PREFIX)}
+
+
+def complete_state_dict(saved: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]) -> dict:
+    """Fill the frozen weights a slim checkpoint left out with the current model's."""
+    return {**current, **saved}
+
+
+def save_embedding_files(manager: nn.Module, dirpath: str, global_step: int) -> None:
+    """`embeddings.pt` (latest) and `embeddings_gs-<global_step>.pt` (kept) in the checkpoint folder."""
+    manager.save(os.path.join(dirpath, "embeddings.pt"))
+    manager.save(os.path.join(dirpath, f"embeddings_gs-{global_step}.pt"))

@@ -1,0 +1,279 @@
+"""Command-line pieces of `main.py`: flags, log-dir naming, resume, config merging, overrides, LR scaling.
+
+Pure functions, so each rule of the reference (spec sections 1.1-1.10) is tested on its own. Lightning 2
+has no `Trainer.add_argparse_args`; the trainer flags users pass today are declared explicitly below and
+anything else can be set in YAML (`lightning.trainer.<key>=<value>` on the command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class UsageError(ValueError):
+    """A command-line or config mistake, reported as one line and exit code 2."""
+
+
+def str2bool(v: str | bool) -> bool:
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError("Boolean value expected.")
+
+
+# Trainer flags accepted on the command line (value type); they override `lightning.trainer` in YAML.
+TRAINER_FLAGS: dict[str, Any] = {
+    "gpus": str,
+    "accelerator": str,
+    "devices": str,
+    "strategy": str,
+    "num_nodes": int,
+    "max_steps": int,
+    "max_epochs": int,
+    "accumulate_grad_batches": int,
+    "precision": str,
+    "gradient_clip_val": float,
+    "check_val_every_n_epoch": int,
+    "val_check_interval": float,
+    "limit_val_batches": float,
+    "num_sanity_val_steps": int,
+    "log_every_n_steps": int,
+    "benchmark": str2bool,
+    "deterministic": str2bool,
+}
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Textual Inversion training (latent-diffusion main.py)")
+    p.add_argument("-n", "--name", type=str, const=True, default="", nargs="?", help="postfix for logdir")
+    p.add_argument("-r", "--resume", type=str, const=True, default="", nargs="?",
+                   help="resume from a log dir or a checkpoint inside one")
+    p.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=[],
+                   help="paths to base configs, merged left to right; later wins")
+    p.add_argument("-t", "--train", type=str2bool, const=True, default=False, nargs="?", help="train")
+    p.add_argument("--no-test", type=str2bool, const=True, default=False, nargs="?", help="disable test")
+    p.add_argument("-p", "--project", help="name of new or path to existing project (unused)")
+    p.add_argument("-d", "--debug", type=str2bool, nargs="?", const=True, default=False,
+                   help="on exit, move a fresh log dir to debug_runs/")
+    p.add_argument("-s", "--seed", type=int, default=23, help="seed for seed_everything")
+    p.add_argument("-f", "--postfix", type=str, default="", help="post-postfix for default name")
+    p.add_argument("-l", "--logdir", type=str, default="logs", help="directory for logging")
+    p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
+                   help="scale base-lr by ngpu * batch_size * n_accumulate")
+    p.add_argument("--datadir_in_name", type=str2bool, nargs="?", const=True, default=True,
+                   help="prefix the log dir name with the data directory's name")
+    p.add_argument("--actual_resume", type=str, default="",
+                   help="pretrained model checkpoint (.ckpt or .safetensors)")
+    p.add_argument("--data_root", type=str, default="", help="folder with the training images")
+    p.add_argument("--embedding_manager_ckpt", type=str, default="", help="initialise embeddings from this file")
+    p.add_argument("--placeholder_string", type=str, help="placeholder string (model and captions)")
+    p.add_argument("--init_word", type=str, help="word used to initialise the placeholder vector(s)")
+    p.add_argument("--tokenizer_path", type=str, default=None,
+                   help="local folder with the text encoder's tokenizer files (offline use)")
+    for flag, kind in TRAINER_FLAGS.items():
+        p.add_argument(f"--{flag}", type=kind, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+BOOL_FLAGS = ("-t", "--train", "--no-test", "-d", "--debug", "--scale_lr", "--datadir_in_name")
+_BOOL_WORDS = {"yes", "true", "t", "y", "1", "no", "false", "f", "n", "0"}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """Parse known flags; the rest are config overrides.
+
+    A bare boolean flag followed by an override (`--no-test model.x=1`) would make argparse read the
+    override as the flag's value; such flags get an explicit True first.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fixed: list[str] = []
+    for i, token in enumerate(argv):
+        fixed.append(token)
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if token in BOOL_FLAGS and nxt is not None and not nxt.startswith("-") and nxt.lower() not in _BOOL_WORDS:
+            fixed.append("True")
+    return get_parser().parse_known_args(fixed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Devices and learning rate
+# ---------------------------------------------------------------------------------------------------
+
+
+def parse_gpus(gpus: Any) -> list[int] | int:
+    """`--gpus` as users write it: "0," or "0,1" (indices, the README form), "2" or 2 (a count)."""
+    if isinstance(gpus, int):
+        return gpus
+    text = str(gpus).strip()
+    if "," in text:
+        ids = [s for s in text.strip(",").split(",") if s.strip()]
+        try:
+            return [int(s) for s in ids]
+        except ValueError as e:
+            raise UsageError(f"--gpus '{gpus}': expected GPU indices such as '0,' or '0,1'") from e
+    try:
+        return int(text)
+    except ValueError as e:
+        raise UsageError(f"--gpus '{gpus}': expected a count or indices such as '0,'") from e
+
+
+def count_devices(trainer_cfg: dict) -> int:
+    """Number of training processes implied by the trainer settings (1 on CPU unless devices says more)."""
+    devices = trainer_cfg.get("devices")
+    if devices in (None, "auto"):
+        return 1
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:
+        return len([s for s in text.strip(",").split(",") if s.strip()])
+    return max(1, int(text)) if text.lstrip("-").isdigit() and int(text) > 0 else 1
+
+
+def trainer_settings(yaml_trainer: dict, cli: argparse.Namespace) -> dict:
+    """Merge YAML `lightning.trainer` with the command-line trainer flags and translate `gpus`."""
+    cfg = dict(yaml_trainer)
+    for flag in TRAINER_FLAGS:
+        value = getattr(cli, flag, None)
+        if value is not None:
+            cfg[flag] = value
+    gpus = cfg.pop("gpus", None)
+    if gpus is not None:
+        cfg.setdefault("accelerator", "gpu")
+        cfg["devices"] = parse_gpus(gpus)
+    if isinstance(cfg.get("devices"), str):
+        cfg["devices"] = parse_gpus(cfg["devices"]) if cfg["devices"] != "auto" else "auto"
+    cfg.setdefault("accelerator", "cpu")
+    if count_devices(cfg) > 1:
+        cfg.setdefault("strategy", "ddp")
+    return cfg
+
+
+def learning_rate(base_lr: float, batch_size: int, ngpu: int, accumulate: int, scale: bool) -> tuple[float, str]:
+    """The reference rule: lr = accumulate * ngpu * batch_size * base_lr when scaling; returns (lr, message)."""
+    if not scale:
+        return base_lr, "++++ NOT USING LR SCALING ++++"
+    lr = accumulate * ngpu * batch_size * base_lr
+    msg = (f"Setting learning rate to {lr:.2e} = {accumulate} (accumulate_grad_batches) * {ngpu} (num_gpus) "
+           f"* {batch_size} (batchsize) * {base_lr:.2e} (base_lr)")
+    return lr, msg
+
+
+# ---------------------------------------------------------------------------------------------------
+# Log directories
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunDirs:
+    logdir: str
+    nowname: str
+    now: str
+    ckptdir: str
+    cfgdir: str
+    resume_ckpt: str | None
+    resume_configs: list[str]
+
+
+def timestamp() -> str:
+    return datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+
+
+def run_dirs(opt: argparse.Namespace, now: str | None = None) -> RunDirs:
+    """Log dir of a new run (`<datadir><now>_<name><postfix>`) or of the run being resumed."""
+    now = now or timestamp()
+    if opt.name and opt.resume:
+        raise UsageError("-n/--name and -r/--resume cannot be specified both. If you want to resume training "
+                         "in a new log folder, use -n/--name in combination with --embedding_manager_ckpt")
+    if opt.resume:
+        path = Path(opt.resume)
+        if not path.exists():
+            raise UsageError(f"Cannot find {opt.resume}")
+        if path.is_file():
+            logdir, ckpt = str(path.parent.parent), str(path)
+        else:
+            logdir = str(path).rstrip("/")
+            ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
+        if not os.path.isfile(ckpt):
+            raise UsageError(f"--resume {opt.resume}: no checkpoint at {ckpt}")
+        configs = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
+        nowname = os.path.basename(logdir)
+        return RunDirs(logdir, nowname, now, os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs"),
+                       ckpt, configs)
+    if opt.name:
+        name = "_" + str(opt.name)
+    elif opt.base:
+        name = "_" + os.path.splitext(os.path.basename(opt.base[0]))[0]
+    else:
+        name = ""
+    prefix = os.path.basename(os.path.normpath(opt.data_root)) if opt.datadir_in_name and opt.data_root else ""
+    nowname = prefix + now + name + opt.postfix
+    logdir = os.path.join(opt.logdir, nowname)
+    return RunDirs(logdir, nowname, prefix + now, os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs"),
+                   None, [])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------------
+
+
+def merge_configs(paths: list[str], dotlist: list[str]) -> DictConfig:
+    """OmegaConf.merge of the base YAMLs (left to right) and the `key.path=value` overrides."""
+    for p in paths:
+        if not os.path.isfile(p):
+            raise UsageError(f"config file not found: {p}")
+    bad = [t for t in dotlist if "=" not in t or t.startswith("-")]
+    if bad:
+        raise UsageError(f"unrecognised arguments: {' '.join(bad)} (config overrides are written key.path=value)")
+    configs = [OmegaConf.load(p) for p in paths]
+    return OmegaConf.merge(*configs, OmegaConf.from_dotlist(dotlist))
+
+
+def apply_overrides(config: DictConfig, opt: argparse.Namespace) -> None:
+    """The Textual Inversion command-line options, written into the config in one place (P5).
+
+    The placeholder goes to the model AND to both datasets (the reference forgot the datasets, B1).
+    """
+    model_params = config.model.params
+    personalization = model_params.get("personalization_config")
+    if personalization is not None:
+        params = personalization.params
+        params.embedding_manager_ckpt = opt.embedding_manager_ckpt or ""
+        if opt.placeholder_string:
+            params.placeholder_strings = [opt.placeholder_string]
+        if opt.init_word:
+            if not params.get("initializer_words"):
+                params.initializer_words = [opt.init_word]
+            else:
+                params.initializer_words[0] = opt.init_word
+    elif opt.placeholder_string or opt.init_word or opt.embedding_manager_ckpt:
+        raise UsageError("--placeholder_string/--init_word/--embedding_manager_ckpt need a config with "
+                         "model.params.personalization_config")
+    if opt.tokenizer_path:
+        cond = model_params.cond_stage_config
+        if "params" not in cond or cond.params is None:
+            cond.params = {}
+        cond.params.tokenizer_path = opt.tokenizer_path
+    data = config.get("data")
+    if data is not None:
+        for split in ("train", "validation", "test"):
+            node = data.params.get(split)
+            if node is None:
+                continue
+            if opt.data_root:
+                node.params.data_root = opt.data_root
+            if personalization is not None and "PersonalizedBase" in str(node.get("target", "")):
+                node.params.placeholder_token = personalization.params.placeholder_strings[0]

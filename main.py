@@ -1,0 +1,95 @@
+"""Train a Textual Inversion embedding (or any latent-diffusion model) from YAML configs.
+
+    python main.py --base configs/latent-diffusion/txt2img-1p4B-finetune.yaml -t \
+        --actual_resume models/ldm/text2img-large/model.ckpt -n run --gpus 0, \
+        --data_root imgs/ --init_word sculpture
+
+Unknown arguments are OmegaConf overrides (`key.path=value`). The classes configs name as `main.X` are
+re-exported here; importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import pytorch_lightning as pl
+
+from ldm.callbacks import CUDACallback, ImageLogger, LearningRateMonitor, SetupCallback  # noqa: F401
+from ldm.checkpoint import CheckpointError
+from ldm.cli import UsageError, apply_overrides, merge_configs, parse_args, run_dirs, trainer_settings
+from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401
+from ldm.modules.embedding_manager import PlaceholderError
+from ldm.modules.encoders.pretrained import PretrainedResourceError
+from ldm.training import build_callbacks, build_data, build_loggers, save_last, set_learning_rate
+from ldm.util import instantiate_from_config
+
+# Errors that are the user's to fix: reported as one line, exit code 1, no traceback (use --debug).
+USER_ERRORS = (UsageError, CheckpointError, PlaceholderError, PretrainedResourceError, FileNotFoundError,
+               ValueError)
+
+
+def prepare(opt, unknown):
+    """Everything before training; raises USER_ERRORS before anything is written."""
+    dirs = run_dirs(opt)
+    if opt.train and not dirs.resume_ckpt and not opt.actual_resume:
+        raise UsageError("--actual_resume is required: the pretrained model checkpoint to invert against")
+    pl.seed_everything(opt.seed, workers=True)
+    config = merge_configs(dirs.resume_configs + list(opt.base), unknown)
+    lightning_config = config.pop("lightning", None) or {}
+    trainer_cfg = trainer_settings(dict(lightning_config.get("trainer", None) or {}), opt)
+    apply_overrides(config, opt)
+    if opt.actual_resume:
+        config.model.params.ckpt_path = opt.actual_resume
+    if "data" in config:
+        for split in ("train", "validation"):
+            node = config.data.params.get(split)
+            if node is not None and "data_root" not in node.params:
+                raise UsageError(f"--data_root is required (data.params.{split}.params.data_root is not set)")
+    data = build_data(config, opt.seed) if "data" in config else None
+    model = instantiate_from_config(config.model)
+    lightning_config.trainer = trainer_cfg
+    return dirs, config, lightning_config, trainer_cfg, data, model
+
+
+def main(argv=None) -> int:
+    opt, unknown = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        dirs, config, lightning_config, trainer_cfg, data, model = prepare(opt, unknown)
+    except USER_ERRORS as e:
+        if opt.debug:
+            raise
+        print(f"main.py: error: {e}", file=sys.stderr)
+        return 1
+
+    callbacks = build_callbacks(dirs, config, lightning_config, model, opt.seed)
+    trainer = pl.Trainer(**trainer_cfg, logger=build_loggers(dirs, lightning_config), callbacks=callbacks,
+                         default_root_dir=dirs.logdir, use_distributed_sampler=False)
+    trainer.logdir = dirs.logdir
+    if data is not None:
+        set_learning_rate(model, config, trainer_cfg, opt.scale_lr)
+
+    def melk(*args):
+        if trainer.is_global_zero:
+            print("Summoning checkpoint.")
+            save_last(trainer, dirs)
+
+    if hasattr(signal, "SIGUSR1"):  # not on Windows (B5)
+        signal.signal(signal.SIGUSR1, melk)
+
+    if opt.train:
+        try:
+            trainer.fit(model, data, ckpt_path=dirs.resume_ckpt)
+        except Exception:
+            melk()
+            raise
+        save_last(trainer, dirs)
+    if not opt.no_test and not trainer.interrupted and data is not None and "test" in data.datasets:
+        trainer.test(model, data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
