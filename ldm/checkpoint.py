@@ -123,7 +123,7 @@ def fixup_clip_transformers5_layout(sd: dict, model_keys: set[str]) -> dict:
     `cond_stage_model.transformer.encoder.*`; SD v1 files and this project use `...transformer.text_model.*`.
     """
     renamed = {}
-    for k, v in sd.items():
+    for k in sd:
         rest = k[len(_CLIP_PREFIX):] if k.startswith(_CLIP_PREFIX) else None
         if rest is not None and rest.split(".")[0] in ("embeddings", "encoder", "final_layer_norm"):
             new = _CLIP_PREFIX + "text_model." + rest

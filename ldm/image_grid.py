@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
+
+from ldm.util import atomic_write
 
 
 def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> torch.Tensor:
@@ -46,7 +47,6 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 def save_image(array: np.ndarray, path: str | os.PathLike, text: Mapping[str, str] | None = None) -> None:
     """Write an image atomically; PNG files get `text` as tEXt metadata (prompt, seed, ...)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(array)
     kwargs = {}
     if path.suffix.lower() == ".png" and text:
@@ -54,11 +54,4 @@ def save_image(array: np.ndarray, path: str | os.PathLike, text: Mapping[str, st
         for k, v in text.items():
             info.add_text(str(k), str(v))
         kwargs["pnginfo"] = info
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        image.save(tmp, **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: image.save(tmp, **kwargs))

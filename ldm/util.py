@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import tempfile
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -99,3 +102,20 @@ def log_txt_as_img(wh: tuple[int, int], xc: list[str], size: int = 10) -> torch.
         arr = np.asarray(canvas, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
         out.append(torch.from_numpy(arr))
     return torch.stack(out)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it over `path`.
+
+    A crash or a bad input never leaves a half-written file, and never damages an existing one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

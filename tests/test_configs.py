@@ -80,7 +80,7 @@ def test_builds_with_tiny_overrides(path):
         data.setup()
         item = data.datasets["train"][0]
         assert "*" in item["caption"] and item["image"].shape[-1] == 3
-    for name, cb in (cfg.get("lightning", {}).get("callbacks") or {}).items():
+    for cb in (cfg.get("lightning", {}).get("callbacks") or {}).values():
         instantiate_from_config(cb)
 
 

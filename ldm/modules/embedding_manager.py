@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ldm.data.placeholder_tokens import per_img_token_list
+from ldm.modules.embedding_formats import EmbeddingSet, read_embeddings, write_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +134,7 @@ class EmbeddingManager(nn.Module):
             def token_of(s: str) -> torch.Tensor:
                 return get_bert_token_for_string(embedder.tknz_fn, s)
 
+        self._token_of = token_of
         self.token_dim = token_table.weight.shape[1]
         self.string_to_token_dict: dict[str, torch.Tensor] = {}
         self.string_to_param_dict = nn.ParameterDict()
@@ -200,50 +200,36 @@ class EmbeddingManager(nn.Module):
         return loss
 
     # ------------------------------------------------------------------------------------------------
-    # Files
+    # Files (formats in ldm.modules.embedding_formats)
     # ------------------------------------------------------------------------------------------------
 
-    def save(self, ckpt_path: str | os.PathLike) -> None:
-        """Write the official format atomically: {"string_to_token": {str: int64 0-d},
-        "string_to_param": ParameterDict {str: [k, d] float32}}, all tensors on the CPU."""
-        params = nn.ParameterDict(
-            {s: nn.Parameter(p.detach().cpu().clone()) for s, p in self.string_to_param_dict.items()}
-        )
-        tokens = {s: t.detach().cpu().clone() for s, t in self.string_to_token_dict.items()}
-        atomic_torch_save({"string_to_token": tokens, "string_to_param": params}, ckpt_path)
+    def to_embedding_set(self, meta: dict | None = None) -> EmbeddingSet:
+        vectors = {s: p.detach().cpu().float().clone() for s, p in self.string_to_param_dict.items()}
+        tokens = {s: int(t) for s, t in self.string_to_token_dict.items()}
+        return EmbeddingSet(vectors, tokens, {k: str(v) for k, v in (meta or {}).items()})
+
+    def save(self, ckpt_path: str | os.PathLike, meta: dict | None = None) -> None:
+        """Write the vectors atomically, on the CPU: the official `.pt` (`string_to_token`,
+        `string_to_param`), or with a `.safetensors` suffix our safetensors layout with `meta`."""
+        write_embeddings(self.to_embedding_set(meta), ckpt_path)
 
     def load(self, ckpt_path: str | os.PathLike) -> None:
-        """Replace both tables with a file's content (the reference's semantics), checking the width."""
-        from ldm.checkpoint import read_file
+        """Replace both tables with a file's content (the reference's semantics), checking the width.
 
-        data = read_file(ckpt_path)
-        if not isinstance(data, dict) or not {"string_to_token", "string_to_param"} <= set(data):
-            raise PlaceholderError(f"{ckpt_path} is not an embeddings file (needs string_to_token, string_to_param)")
+        Files without token ids (diffusers, A1111 safetensors) get them from this model's tokenizer.
+        """
+        emb = read_embeddings(ckpt_path)
         device = next(iter(self.string_to_param_dict.values())).device if self.string_to_param_dict else None
         params = nn.ParameterDict()
-        for placeholder, value in data["string_to_param"].items():
-            value = value.detach().to(torch.float32)
-            if value.ndim == 1:
-                value = value[None]
+        tokens = {}
+        for placeholder, value in emb.vectors.items():
             if value.shape[-1] != self.token_dim:
                 raise PlaceholderError(
                     f"{ckpt_path}: embedding for '{placeholder}' has width {value.shape[-1]}, "
                     f"but this model's text encoder has token width {self.token_dim}"
                 )
             params[placeholder] = nn.Parameter(value.to(device) if device is not None else value)
-        self.string_to_token_dict = {s: torch.as_tensor(t).long().cpu() for s, t in data["string_to_token"].items()}
+            token = emb.tokens.get(placeholder)
+            tokens[placeholder] = torch.tensor(token) if token is not None else self._token_of(placeholder)
+        self.string_to_token_dict = tokens
         self.string_to_param_dict = params
-
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

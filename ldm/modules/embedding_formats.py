@@ -1,0 +1,130 @@
+"""Reading and writing learned embeddings in the formats people exchange them in.
+
+Read (format detected from the content): the official `.pt` (`string_to_token` + `string_to_param`, the
+latter a pickled `nn.ParameterDict` or a plain dict), this project's `.safetensors` (vectors plus JSON
+metadata), diffusers' `learned_embeds.{bin,safetensors}` ({token: [k, d] or [d]}), AUTOMATIC1111's `.pt`
+(`string_to_param` with `name`/`step`) and `.safetensors` (`emb_params`). Every file is read without
+executing pickled code (`ldm.checkpoint.read_file`).
+
+Written here: the official `.pt` (readable by the reference, A1111 and diffusers) and our `.safetensors`:
+one tensor per placeholder named `string_to_param.<placeholder>`, metadata `format=textual_inversion`,
+`format_version`, `placeholders`, `string_to_token`, `num_vectors`, `token_dim` and any extra fields
+(base model, step, seed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldm.checkpoint import CheckpointError, read_file
+from ldm.util import atomic_write
+
+FORMAT_NAME = "textual_inversion"
+FORMAT_VERSION = "1"
+_PARAM_PREFIX = "string_to_param."
+
+
+class EmbeddingFormatError(CheckpointError):
+    """An embeddings file of an unknown layout or with inconsistent content."""
+
+
+@dataclass
+class EmbeddingSet:
+    """Placeholder -> vectors [k, d] float32, optional placeholder -> token id, and free-form metadata."""
+
+    vectors: dict[str, torch.Tensor]
+    tokens: dict[str, int] = field(default_factory=dict)
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def token_dim(self) -> int:
+        dims = {v.shape[-1] for v in self.vectors.values()}
+        if len(dims) != 1:
+            raise EmbeddingFormatError(f"embeddings of different widths in one set: {sorted(dims)}")
+        return dims.pop()
+
+
+def _as_vectors(value, where: str) -> torch.Tensor:
+    if isinstance(value, nn.Parameter):
+        value = value.detach()
+    if not isinstance(value, torch.Tensor) or value.ndim not in (1, 2) or not value.is_floating_point():
+        raise EmbeddingFormatError(f"{where}: expected a float tensor [k, d] or [d]")
+    value = value.detach().to("cpu", torch.float32)
+    return value[None] if value.ndim == 1 else value
+
+
+def read_embeddings(path: str | os.PathLike) -> EmbeddingSet:
+    """Read any supported embeddings file (see the module docstring)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        if not path.is_file():
+            raise EmbeddingFormatError(f"embeddings file not found: {path}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        return _from_flat(read_file(path), meta, path)
+    data = read_file(path)
+    if not isinstance(data, dict):
+        raise EmbeddingFormatError(f"{path}: not an embeddings file (holds a {type(data).__name__})")
+    return _from_flat(data, {}, path)
+
+
+def _from_flat(data: dict, meta: dict[str, str], path: Path) -> EmbeddingSet:
+    if meta.get("format") == FORMAT_NAME:
+        placeholders = json.loads(meta["placeholders"])
+        tokens = {k: int(v) for k, v in json.loads(meta.get("string_to_token", "{}")).items()}
+        vectors = {p: _as_vectors(data[_PARAM_PREFIX + p], f"{path}: '{p}'") for p in placeholders}
+        extra = {k: v for k, v in meta.items() if k not in ("format", "placeholders", "string_to_token")}
+        return EmbeddingSet(vectors, tokens, extra)
+    if "string_to_param" in data:  # official, or A1111 (adds name/step)
+        params = data["string_to_param"]
+        vectors = {str(p): _as_vectors(v, f"{path}: '{p}'") for p, v in params.items()}
+        tokens = {str(p): int(torch.as_tensor(t)) for p, t in (data.get("string_to_token") or {}).items()}
+        extra = {k: str(data[k]) for k in ("name", "step", "sd_checkpoint_name") if k in data}
+        return EmbeddingSet(vectors, tokens, extra)
+    if "emb_params" in data:  # A1111 safetensors: one embedding, named after the file
+        return EmbeddingSet({path.stem: _as_vectors(data["emb_params"], f"{path}: emb_params")}, {}, dict(meta))
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) == len(data) and len(tensors) >= 1:  # diffusers: {token: vectors}
+        return EmbeddingSet({k: _as_vectors(v, f"{path}: '{k}'") for k, v in tensors.items()}, {}, dict(meta))
+    raise EmbeddingFormatError(
+        f"{path}: unknown embeddings layout (keys {sorted(map(str, data))[:6]}); expected the official "
+        "string_to_token/string_to_param, emb_params, or {token: tensor}"
+    )
+
+
+def write_official(emb: EmbeddingSet, path: str | os.PathLike) -> None:
+    """The reference's `.pt`: {"string_to_token": {p: int64 0-d}, "string_to_param": ParameterDict}."""
+    missing = [p for p in emb.vectors if p not in emb.tokens]
+    if missing:
+        raise EmbeddingFormatError(f"cannot write the official format without token ids for {missing}")
+    obj = {
+        "string_to_token": {p: torch.tensor(emb.tokens[p], dtype=torch.int64) for p in emb.vectors},
+        "string_to_param": nn.ParameterDict({p: nn.Parameter(v.clone()) for p, v in emb.vectors.items()}),
+    }
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_safetensors(emb: EmbeddingSet, path: str | os.PathLike) -> None:
+    """Our safetensors layout with its metadata (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    tensors = {_PARAM_PREFIX + p: v.contiguous() for p, v in emb.vectors.items()}
+    meta = {str(k): str(v) for k, v in emb.meta.items()}
+    meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, placeholders=json.dumps(list(emb.vectors)),
+                string_to_token=json.dumps(emb.tokens),
+                num_vectors=json.dumps({p: v.shape[0] for p, v in emb.vectors.items()}),
+                token_dim=str(emb.token_dim))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def write_embeddings(emb: EmbeddingSet, path: str | os.PathLike) -> None:
+    """By suffix: `.safetensors` -> ours, anything else -> the official `.pt`."""
+    (write_safetensors if Path(path).suffix == ".safetensors" else write_official)(emb, path)
