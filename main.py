@@ -53,17 +53,8 @@ def prepare(opt, unknown):
     return dirs, config, lightning_config, trainer_cfg, data, model
 
 
-def main(argv=None) -> int:
-    opt, unknown = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        dirs, config, lightning_config, trainer_cfg, data, model = prepare(opt, unknown)
-    except USER_ERRORS as e:
-        if opt.debug:
-            raise
-        print(f"main.py: error: {e}", file=sys.stderr)
-        return 1
-
+def run(opt, dirs, config, lightning_config, trainer_cfg, data, model) -> pl.Trainer:
+    """Train (and test) a prepared run; returns the trainer."""
     callbacks = build_callbacks(dirs, config, lightning_config, model, opt.seed)
     trainer = pl.Trainer(**trainer_cfg, logger=build_loggers(dirs, lightning_config), callbacks=callbacks,
                          default_root_dir=dirs.logdir, use_distributed_sampler=False)
@@ -74,20 +65,34 @@ def main(argv=None) -> int:
     def melk(*args):
         if trainer.is_global_zero:
             print("Summoning checkpoint.")
-            save_last(trainer, dirs)
+        save_last(trainer, dirs)
 
     if hasattr(signal, "SIGUSR1"):  # not on Windows (B5)
         signal.signal(signal.SIGUSR1, melk)
 
     if opt.train:
         try:
-            trainer.fit(model, data, ckpt_path=dirs.resume_ckpt)
+            trainer.fit(model, data, ckpt_path=dirs.resume_ckpt, weights_only=True)
         except Exception:
             melk()
             raise
         save_last(trainer, dirs)
     if not opt.no_test and not trainer.interrupted and data is not None and "test" in data.datasets:
         trainer.test(model, data)
+    return trainer
+
+
+def main(argv=None) -> int:
+    opt, unknown = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        prepared = prepare(opt, unknown)
+    except USER_ERRORS as e:
+        if opt.debug:
+            raise
+        print(f"main.py: error: {e}", file=sys.stderr)
+        return 1
+    run(opt, *prepared)
     return 0
 
 

@@ -160,10 +160,12 @@ class CUDACallback(pl.Callback):
 
 
 class StepSeedCallback(pl.Callback):
-    """Seed torch before every training batch from (seed, epoch, batch, rank).
+    """Seed torch before every training batch from the run's seed and the batch's identity.
 
-    The model's random draws of a step (posterior sample, timestep, noise) then depend only on the run's
-    seed and the step's position, which makes `--resume` exact. (The reference seeded once at start.)
+    The identity is the first `sample_key` of the batch (a unique position in the data stream, see
+    `ldm.data.resumable`), else (epoch, batch index), and the rank. The model's random draws of a step
+    (posterior sample, timestep, noise) then depend only on what is trained on, which makes `--resume`
+    exact. (The reference seeded once at start.)
     """
 
     def __init__(self, seed: int):
@@ -171,4 +173,21 @@ class StepSeedCallback(pl.Callback):
         self.seed = seed
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        torch.manual_seed(derive_seed(self.seed, trainer.current_epoch, batch_idx, trainer.global_rank))
+        keys = batch.get("sample_key") if isinstance(batch, dict) else None
+        position = (int(keys[0]),) if keys is not None else (trainer.current_epoch, batch_idx)
+        torch.manual_seed(derive_seed(self.seed, *position, trainer.global_rank))
+
+
+class EmbeddingSyncCheck(pl.Callback):
+    """At the end of training, check that every DDP rank holds the same learned vectors (and say so)."""
+
+    def on_train_end(self, trainer, pl_module):
+        manager = getattr(pl_module, "embedding_manager", None)
+        if manager is None or trainer.world_size < 2:
+            return
+        vec = torch.cat([p.detach().flatten() for p in manager.embedding_parameters()])
+        gathered = pl_module.all_gather(vec)
+        diff = (gathered - gathered[0]).abs().max().item()
+        rank_zero_info(f"embedding identical on {trainer.world_size} ranks: max difference {diff:.3g}")
+        if diff > 0:
+            raise RuntimeError(f"DDP ranks disagree on the learned embedding (max difference {diff:.3g})")

@@ -216,13 +216,13 @@ def load_state_dict_into(
         if sd[k].shape != target[k].shape
     ]
     if unexpected or missing_bad or shape_bad:
-        lines = [f"checkpoint {path} does not match {type(model).__name__}:"]
+        parts = []
         for title, items in (("missing keys", missing_bad), ("unexpected keys", unexpected),
                              ("shape mismatches", shape_bad)):
             if items:
-                shown = ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
-                lines.append(f"  {title}: {shown}")
-        raise CheckpointMismatchError("\n".join(lines))
+                shown = ", ".join(items[:5]) + (f", ... ({len(items)} in all)" if len(items) > 5 else "")
+                parts.append(f"{title}: {shown}")
+        raise CheckpointMismatchError(f"checkpoint {path} does not match {type(model).__name__}: " + "; ".join(parts))
 
     result = model.load_state_dict(sd, strict=False)  # key sets were checked above, allowlist included
     assert not result.unexpected_keys

@@ -187,8 +187,18 @@ class RunDirs:
     resume_configs: list[str]
 
 
+#: Environment variable carrying the run's timestamp to the DDP worker processes Lightning launches (they
+#: re-run main.py with the same arguments and must land in the same log dir).
+RUN_TIMESTAMP_ENV = "TI_RUN_TIMESTAMP"
+
+
 def timestamp() -> str:
-    return datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    """The run's timestamp: a DDP worker (LOCAL_RANK > 0) inherits its launcher's; others take the time
+    now and export it for the workers they will launch."""
+    inherited = os.environ.get(RUN_TIMESTAMP_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
+    stamp = inherited or datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    os.environ[RUN_TIMESTAMP_ENV] = stamp
+    return stamp
 
 
 def run_dirs(opt: argparse.Namespace, now: str | None = None) -> RunDirs:

@@ -52,6 +52,8 @@ def build_callbacks(dirs: RunDirs, config: DictConfig, lightning_config: DictCon
         "cuda_callback": {"target": "main.CUDACallback"},
         "step_seed": {"target": "ldm.callbacks.StepSeedCallback", "params": {"seed": seed}},
     }
+    if getattr(model, "embedding_manager", None) is not None:
+        defaults["embedding_sync_check"] = {"target": "ldm.callbacks.EmbeddingSyncCheck"}
     cfg = OmegaConf.merge(defaults, lightning_config.get("callbacks") or {})
     callbacks = [instantiate_from_config(cfg[k]) for k in cfg]
     callbacks.append(instantiate_from_config(ckpt_cfg))

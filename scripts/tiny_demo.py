@@ -58,9 +58,19 @@ def render_concept(folder: Path, size: int = 64) -> None:
 
 
 def write_base_checkpoint(path: Path, seed: int) -> None:
+    """Random weights everywhere, as the parity fixtures' recipe: a fresh UNet zero-initialises its output
+    projections, which would cut the text (and so the learned word) off from the output."""
     torch.manual_seed(seed)
-    cfg = OmegaConf.load(CONFIG)
-    model = instantiate_from_config(cfg.model)
+    model = instantiate_from_config(OmegaConf.load(CONFIG).model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("embedding_manager."):
+                continue
+            if p.ndim >= 2:
+                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) / p[0].numel() ** 0.5)
+            else:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("embedding_manager.")}
     torch.save({"state_dict": state}, path)
 

@@ -2,12 +2,14 @@
 
 This is what makes `--resume` exact. The reference drew captions and flips from the global generators
 inside the loader, so a resumed run could never replay the same batches. Here:
-- `ResumableSampler` shuffles epoch e with a permutation seeded by (seed, e), shards it over DDP ranks,
-  and yields keys `e * n + i`; after a restore it skips the samples already trained on;
+- `ResumableSampler` shuffles its e-th pass with a permutation seeded by (seed, e), shards it over DDP
+  ranks, and yields keys `e * n + i`. It counts its passes itself (Lightning's epoch counter after a
+  mid-epoch restore does not match a straight run's), and after a restore continues the interrupted pass;
 - `KeyedDataset` runs the wrapped dataset's `__getitem__` under RNGs seeded from (seed, key), so the
-  caption template and flip of every sample are fixed by its key, whatever the loader's history;
-- `ResumableDataLoader` is stateful for Lightning: its `state_dict` (epoch, batches yielded this epoch)
-  is saved in the checkpoint and restored before the loader is iterated again.
+  caption template and flip of every sample are fixed by its key, and adds the key to the item
+  (`sample_key`), from which `StepSeedCallback` seeds the model's draws of that batch;
+- `ResumableDataLoader` is stateful for Lightning: its `state_dict` (pass, batches yielded in it) is saved
+  in the checkpoint and restored before the loader is iterated again.
 """
 
 from __future__ import annotations
@@ -52,14 +54,16 @@ class KeyedDataset(Dataset):
 
     def __getitem__(self, key: int):
         with seeded_global_rngs(derive_seed(self.seed, key)):
-            return self.dataset[key % len(self.dataset)]
+            item = self.dataset[key % len(self.dataset)]
+        return {**item, "sample_key": key} if isinstance(item, dict) else item
 
 
 class ResumableSampler(Sampler[int]):
-    """Per-epoch permutation seeded by (seed, epoch), sharded over `world_size` ranks, with a skip.
+    """Pass e: a permutation seeded by (seed, e), sharded over `world_size` ranks, as keys e * n + i.
 
     Each rank gets every `world_size`-th key of the permutation, padded by wrapping so all ranks yield
-    the same count (as torch's DistributedSampler).
+    the same count (as torch's DistributedSampler). Every `__iter__` starts the next pass, unless `resume`
+    asked to continue an interrupted one.
     """
 
     def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
@@ -67,14 +71,15 @@ class ResumableSampler(Sampler[int]):
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        self.skip = 0
+        self.epoch = -1  # the pass being yielded; -1 before the first
+        self._resume: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return -(-self.n // self.world_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def resume(self, epoch: int, skip: int) -> None:
+        """Make the next `__iter__` continue pass `epoch` after its first `skip` keys."""
+        self._resume = (epoch, skip)
 
     def keys(self, epoch: int) -> list[int]:
         if self.shuffle:
@@ -86,9 +91,11 @@ class ResumableSampler(Sampler[int]):
         return [epoch * self.n + int(i) for i in order[self.rank :: self.world_size]]
 
     def __iter__(self):
-        keys = self.keys(self.epoch)
-        start, self.skip = self.skip, 0
-        yield from keys[start:]
+        if self._resume is not None:
+            (self.epoch, start), self._resume = self._resume, None
+        else:
+            self.epoch, start = self.epoch + 1, 0
+        yield from self.keys(self.epoch)[start:]
 
 
 class ResumableDataLoader(DataLoader):
@@ -99,7 +106,8 @@ class ResumableDataLoader(DataLoader):
         self._yielded = 0
 
     def __iter__(self):
-        self._yielded = self.sampler.skip // self.batch_size
+        resume = self.sampler._resume
+        self._yielded = resume[1] // self.batch_size if resume is not None else 0
         for batch in super().__iter__():
             self._yielded += 1
             yield batch
@@ -108,6 +116,4 @@ class ResumableDataLoader(DataLoader):
         return {"epoch": self.sampler.epoch, "batches": self._yielded}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sampler.set_epoch(int(state["epoch"]))
-        self.sampler.skip = int(state["batches"]) * self.batch_size
-        self._yielded = int(state["batches"])
+        self.sampler.resume(int(state["epoch"]), int(state["batches"]) * self.batch_size)
