@@ -127,6 +127,9 @@ class EmbeddingManager(nn.Module):
 
             def token_of(s: str) -> torch.Tensor:
                 return get_clip_token_for_string(embedder.tokenizer, s)
+
+            def tokenize(s: str) -> torch.Tensor:
+                return embedder.tokenizer(s, truncation=True, max_length=77, return_tensors="pt")["input_ids"][0]
         else:
             token_table = embedder.transformer.token_emb
             position0 = None
@@ -134,7 +137,12 @@ class EmbeddingManager(nn.Module):
             def token_of(s: str) -> torch.Tensor:
                 return get_bert_token_for_string(embedder.tknz_fn, s)
 
+            def tokenize(s: str) -> torch.Tensor:
+                return embedder.tknz_fn(s)[0].cpu()
+
         self._token_of = token_of
+        self._tokenize = tokenize
+        self._checked_texts: set[str] = set()
         self.token_dim = token_table.weight.shape[1]
         self.string_to_token_dict: dict[str, torch.Tensor] = {}
         self.string_to_param_dict = nn.ParameterDict()
@@ -181,6 +189,18 @@ class EmbeddingManager(nn.Module):
             else:
                 ids, embedded = expand_placeholders(ids, embedded, token, param[:k])
         return ids, embedded
+
+    def warn_unmatched(self, texts: Sequence[str]) -> None:
+        """Warn (once per text) when a placeholder string appears in a text but not as its token, e.g.
+        glued to punctuation: CLIP reads "*," as one token, so the learned vector would have no effect."""
+        for text in texts:
+            if not isinstance(text, str) or text in self._checked_texts:
+                continue
+            self._checked_texts.add(text)
+            for placeholder, token in self.string_to_token_dict.items():
+                if placeholder in text and int(token) not in self._tokenize(text).tolist():
+                    logger.warning("placeholder '%s' in %r is not a separate token (glued to punctuation or "
+                                   "another word?): its learned vector has no effect there", placeholder, text)
 
     def embedding_parameters(self) -> Iterable[nn.Parameter]:
         return self.string_to_param_dict.parameters()

@@ -28,6 +28,7 @@ from torch import nn
 from ldm.checkpoint import load_state_dict_into, read_state_dict
 from ldm.models.diffusion.ddpm_schedule import SCHEDULE_BUFFERS, lvlb_weights, schedule_table
 from ldm.models.diffusion.textual_inversion import (
+    REG_FORMS,
     build_embedding_manager,
     complete_state_dict,
     embedding_regularization,
@@ -71,6 +72,7 @@ class DDPM(pl.LightningModule):
         given_betas=None,
         original_elbo_weight: float = 0.0,
         embedding_reg_weight: float = 0.0,
+        embedding_reg_form: str = "l2",
         unfreeze_model: bool = False,
         model_lr: float = 0.0,
         v_posterior: float = 0.0,
@@ -110,6 +112,9 @@ class DDPM(pl.LightningModule):
         self.original_elbo_weight = original_elbo_weight
         self.l_simple_weight = l_simple_weight
         self.embedding_reg_weight = embedding_reg_weight
+        if embedding_reg_form not in REG_FORMS:
+            raise ValueError(f"embedding_reg_form must be one of {REG_FORMS}, got '{embedding_reg_form}'")
+        self.embedding_reg_form = embedding_reg_form
         self.unfreeze_model = unfreeze_model
         self.model_lr = model_lr
         if monitor is not None:
@@ -403,6 +408,8 @@ class LatentDiffusion(DDPM):
 
     def get_learned_conditioning(self, c):
         """Encode conditioning (e.g. a list of prompts); every encode goes through the embedding manager."""
+        if self.embedding_manager is not None and isinstance(c, (list, tuple)):
+            self.embedding_manager.warn_unmatched(c)
         if self.cond_stage_forward is None:
             if callable(getattr(self.cond_stage_model, "encode", None)):
                 c = self.cond_stage_model.encode(c, embedding_manager=self.embedding_manager)
@@ -484,7 +491,7 @@ class LatentDiffusion(DDPM):
         prefix = "train" if self.training else "val"
         loss, loss_dict = self.diffusion_loss(model_output, target, t, prefix)
         if self.embedding_reg_weight > 0 and self.embedding_manager is not None:
-            reg = embedding_regularization(self.embedding_manager)
+            reg = embedding_regularization(self.embedding_manager, self.embedding_reg_form)
             loss_dict[f"{prefix}/loss_emb_reg"] = reg
             loss = loss + self.embedding_reg_weight * reg
             loss_dict[f"{prefix}/loss"] = loss

@@ -56,10 +56,24 @@ def make_optimizer(
     return torch.optim.AdamW([{"params": embedding_params, "lr": lr}, {"params": extra_params}], lr=model_lr)
 
 
-def embedding_regularization(manager: nn.Module) -> torch.Tensor:
-    """Official regulariser value: mean of the [k, k] Gram matrix of (p - p_init) / P."""
-    loss = manager.embedding_to_coarse_loss()
-    return loss.mean() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+REG_FORMS = ("l2", "gram")
+
+
+def embedding_regularization(manager: nn.Module, form: str = "l2") -> torch.Tensor:
+    """Pull of the vectors towards their initializer embedding (paper, section 4.3 "regularization").
+
+    "l2" (default): mean over vectors of ||p_i - p0_i||^2, summed over the P initialised placeholders / P.
+    "gram": the reference's value, the mean of the [k, k] Gram matrix (p - p0)(p - p0)^T / P, which for
+    k > 1 only penalises the mean offset ||mean_i(p_i - p0_i)||^2. Both agree for one vector per token.
+    """
+    if form == "gram":
+        loss = manager.embedding_to_coarse_loss()
+        return loss.mean() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+    if form != "l2":
+        raise ValueError(f"embedding_reg_form must be one of {REG_FORMS}, got '{form}'")
+    inits = manager.initial_embeddings
+    terms = [((manager.string_to_param_dict[k] - p0) ** 2).sum(-1).mean() for k, p0 in inits.items()]
+    return torch.stack(terms).sum() / len(terms) if terms else torch.tensor(0.0)
 
 
 MANAGER_PREFIX = "embedding_manager."
