@@ -17,21 +17,16 @@ import sys
 import pytorch_lightning as pl
 
 from ldm.callbacks import CUDACallback, ImageLogger, LearningRateMonitor, SetupCallback  # noqa: F401
-from ldm.checkpoint import CheckpointError
 from ldm.cli import UsageError, apply_overrides, merge_configs, parse_args, run_dirs, trainer_settings
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401
-from ldm.modules.embedding_manager import PlaceholderError
-from ldm.modules.encoders.pretrained import PretrainedResourceError
+from ldm.scripts_common import USER_ERRORS
 from ldm.training import build_callbacks, build_data, build_loggers, save_last, set_learning_rate
 from ldm.util import instantiate_from_config
 
-# Errors that are the user's to fix: reported as one line, exit code 1, no traceback (use --debug).
-USER_ERRORS = (UsageError, CheckpointError, PlaceholderError, PretrainedResourceError, FileNotFoundError,
-               ValueError)
-
 
 def prepare(opt, unknown):
-    """Everything before training; raises USER_ERRORS before anything is written."""
+    """Everything before training; raises one of USER_ERRORS (reported as one line, exit code 1, a
+    traceback with --debug) before anything is written."""
     dirs = run_dirs(opt)
     if opt.train and not dirs.resume_ckpt and not opt.actual_resume:
         raise UsageError("--actual_resume is required: the pretrained model checkpoint to invert against")

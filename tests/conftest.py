@@ -73,6 +73,7 @@ def build_parity_model(name: str, tmp_dir: Path, num_vectors: int = 1):
 
     sd = load_file(str(fixture_path("parity", name, "model.safetensors")))
     base = {k: v for k, v in sd.items() if not k.startswith("embedding_manager.")}
+    Path(tmp_dir).mkdir(parents=True, exist_ok=True)
     ckpt = Path(tmp_dir) / f"{name}_base.ckpt"
     if not ckpt.exists():
         torch.save({"state_dict": base}, ckpt)

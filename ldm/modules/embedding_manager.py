@@ -238,14 +238,27 @@ class EmbeddingManager(nn.Module):
 
         Files without token ids (diffusers, A1111 safetensors) get them from this model's tokenizer.
         """
-        emb = read_embeddings(ckpt_path)
+        self.set_embeddings(read_embeddings(ckpt_path), str(ckpt_path))
+
+    def load_files(self, paths: Sequence[str | os.PathLike], renames: dict | None = None) -> dict[str, str]:
+        """Load several files at once (merged, every collision an error unless renamed, see
+        `ldm.modules.embedding_merge`); returns {placeholder: file}."""
+        from ldm.modules.embedding_merge import merge_embeddings
+
+        sets = [(str(p), read_embeddings(p)) for p in paths]
+        merged, source = merge_embeddings(sets, renames, lambda s: int(self._token_of(s)))
+        self.set_embeddings(merged, ", ".join(map(str, paths)))
+        return source
+
+    def set_embeddings(self, emb: EmbeddingSet, source: str = "embeddings") -> None:
+        """Replace both tables with `emb` (vectors moved to this manager's device)."""
         device = next(iter(self.string_to_param_dict.values())).device if self.string_to_param_dict else None
         params = nn.ParameterDict()
         tokens = {}
         for placeholder, value in emb.vectors.items():
             if value.shape[-1] != self.token_dim:
                 raise PlaceholderError(
-                    f"{ckpt_path}: embedding for '{placeholder}' has width {value.shape[-1]}, "
+                    f"{source}: embedding for '{placeholder}' has width {value.shape[-1]}, "
                     f"but this model's text encoder has token width {self.token_dim}"
                 )
             params[placeholder] = nn.Parameter(value.to(device) if device is not None else value)

@@ -1,0 +1,150 @@
+"""Text-to-image sampling with learned words, shared by scripts/txt2img.py (LDM) and
+scripts/stable_txt2img.py (SD): one parser with per-script defaults, one run function.
+
+Behaviour of the reference scripts (spec 10.1-10.2): DDIM or PLMS, classifier-free guidance with the
+empty prompt, `n_iter` rounds of `n_samples`, numbered samples in `<outdir>/samples/` and one grid per
+run in `<outdir>`. Local changes: PNG files carrying the prompt, seed, scale, steps, sampler and embedding
+files in their text metadata; a seed always (recorded when drawn at random); several embedding files at
+once; optional starting noise from a file; any device (B17); the SD script's `--from-file` grid bug (B26)
+and the LDM script's hard-coded config (B27) are gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import re
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from ldm.checkpoint import read_file
+from ldm.image_grid import make_grid, save_image, to_uint8
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.plms import PLMSSampler
+from ldm.util import instantiate_from_config
+
+
+def build_parser(description: str, defaults: dict) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar")
+    p.add_argument("--from-file", type=str, default=None, help="one prompt per line, batched by n_samples")
+    p.add_argument("--outdir", type=str, nargs="?", default=defaults["outdir"])
+    p.add_argument("--skip_grid", action="store_true", help="do not save a grid")
+    p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
+    p.add_argument("--ddim_steps", type=int, default=defaults["ddim_steps"])
+    p.add_argument("--plms", action="store_true", help="use PLMS sampling")
+    p.add_argument("--fixed_code", action="store_true", help="one starting noise shared by all rounds")
+    p.add_argument("--ddim_eta", type=float, default=0.0)
+    p.add_argument("--n_iter", type=int, default=defaults["n_iter"], help="sampling rounds")
+    p.add_argument("--H", type=int, default=defaults["H"])
+    p.add_argument("--W", type=int, default=defaults["W"])
+    p.add_argument("--C", type=int, default=4, help="latent channels")
+    p.add_argument("--f", type=int, default=8, help="downsampling factor")
+    p.add_argument("--n_samples", type=int, default=defaults["n_samples"], help="batch size")
+    p.add_argument("--n_rows", type=int, default=0, help="grid columns (default: n_samples)")
+    p.add_argument("--scale", type=float, default=defaults["scale"], help="guidance scale")
+    p.add_argument("--config", type=str, default=defaults["config"])
+    p.add_argument(defaults["ckpt_flag"], dest="ckpt", type=str, default=defaults["ckpt"])
+    p.add_argument("--embedding_path", type=str, nargs="+", default=None, help="embedding file(s) to load")
+    p.add_argument("--seed", type=int, default=defaults["seed"], help="seed (random and recorded if unset)")
+    p.add_argument("--precision", type=str, choices=["full", "autocast"], default=defaults["precision"])
+    p.add_argument("--device", type=str, default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--tokenizer_path", type=str, default=None, help="local tokenizer folder (offline)")
+    p.add_argument("--start_code", type=str, default=None,
+                   help="starting noise [n_samples, C, H/f, W/f] from a .safetensors/.pt file (key x_T)")
+    p.add_argument("--save_latents", action="store_true", help="also write samples/latents.safetensors")
+    return p
+
+
+def load_model(config_path: str, ckpt: str, overrides: list[str], tokenizer_path: str | None, device):
+    """Build the model of a config with the checkpoint loaded strictly, in eval mode on `device`."""
+    config = OmegaConf.merge(OmegaConf.load(config_path), OmegaConf.from_dotlist(overrides))
+    config.model.params.ckpt_path = ckpt
+    if tokenizer_path:
+        cond = config.model.params.cond_stage_config
+        cond.params = cond.get("params") or {}
+        cond.params.tokenizer_path = tokenizer_path
+    return instantiate_from_config(config.model).eval().to(device)
+
+
+def read_prompts(opt) -> list[list[str]]:
+    """Batches of n_samples prompts: the same prompt repeated, or the lines of --from-file."""
+    if not opt.from_file:
+        return [opt.n_samples * [opt.prompt]]
+    lines = [line.strip() for line in Path(opt.from_file).read_text().splitlines() if line.strip()]
+    return [lines[i : i + opt.n_samples] for i in range(0, len(lines), opt.n_samples)]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_*@.-]+", "-", text).strip("-")[:128].replace("*", "star") or "grid"
+
+
+def run(opt, overrides: list[str]) -> list[Path]:
+    """Generate; returns the paths written."""
+    device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    seed = opt.seed if opt.seed is not None else random.SystemRandom().randrange(2**31)
+    model = load_model(opt.config, opt.ckpt, overrides, opt.tokenizer_path, device)
+    embeddings = []
+    if opt.embedding_path:
+        if model.embedding_manager is None:
+            raise ValueError(f"{opt.config} has no personalization_config: it cannot use --embedding_path")
+        model.embedding_manager.load_files(opt.embedding_path)
+        embeddings = list(opt.embedding_path)
+    sampler = (PLMSSampler if opt.plms else DDIMSampler)(model)
+    batches = read_prompts(opt)
+    shape = (opt.C, opt.H // opt.f, opt.W // opt.f)
+    torch.manual_seed(seed)  # the reference's seed_everything: the sampler's noise draws follow it
+    start_code = None
+    if opt.start_code:
+        start_code = read_file(opt.start_code)
+        start_code = (start_code["x_T"] if isinstance(start_code, dict) else start_code).to(device)
+    elif opt.fixed_code:
+        start_code = torch.randn((opt.n_samples, *shape), device=device)
+
+    sample_dir = Path(opt.outdir) / "samples"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    base_count = len([p for p in sample_dir.iterdir() if p.suffix == ".png"])
+    grid_count = len([p for p in Path(opt.outdir).iterdir() if p.suffix == ".png"])
+    info = {"seed": seed, "scale": opt.scale, "steps": opt.ddim_steps, "eta": opt.ddim_eta,
+            "sampler": "plms" if opt.plms else "ddim", "ckpt": opt.ckpt, "config": opt.config,
+            "embeddings": json.dumps(embeddings), "size": f"{opt.W}x{opt.H}"}
+    precision = torch.autocast(device.type) if opt.precision == "autocast" and device.type == "cuda" \
+        else contextlib.nullcontext()
+    written, images, latents = [], [], []
+    with torch.no_grad(), precision, model.ema_scope():
+        for _ in tqdm(range(opt.n_iter), desc="Sampling"):
+            for prompts in batches:
+                n = len(prompts)
+                uc = model.get_learned_conditioning(n * [""]) if opt.scale != 1.0 else None
+                c = model.get_learned_conditioning(prompts)
+                x_T = start_code[:n] if start_code is not None else None
+                z, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=n, shape=shape, verbose=False,
+                                      unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
+                                      eta=opt.ddim_eta, x_T=x_T)
+                x = ((model.decode_first_stage(z.float()) + 1.0) / 2.0).clamp(0.0, 1.0).cpu()
+                latents.append(z.float().cpu())
+                for prompt, image in zip(prompts, x, strict=True):
+                    if not opt.skip_save:
+                        path = sample_dir / f"{base_count:05}.png"
+                        save_image(to_uint8(image), path, text={**info, "prompt": prompt, "index": base_count})
+                        written.append(path)
+                    base_count += 1
+                images.append(x)
+    if not opt.skip_grid:
+        grid = make_grid(torch.cat(images), nrow=opt.n_rows or opt.n_samples)
+        name = slug(batches[0][0]) if not opt.from_file else slug(Path(opt.from_file).stem)
+        path = Path(opt.outdir) / f"{name}-{grid_count:04}.png"
+        save_image(to_uint8(grid), path, text={**info, "prompts": json.dumps([p for b in batches for p in b])})
+        written.append(path)
+    if opt.save_latents:
+        from safetensors.torch import save_file
+
+        save_file({"samples": torch.cat(latents)}, str(sample_dir / "latents.safetensors"))
+    print(f"Your samples are ready and waiting for you here: \n{os.path.abspath(opt.outdir)} \n \nEnjoy.")
+    return written
