@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from ldm.modules.embedding_formats import read_embeddings, write_embeddings
-from ldm.modules.embedding_manager import get_bert_token_for_string, get_clip_token_for_string
+from ldm.modules.embedding_manager import token_function
 from ldm.modules.embedding_merge import merge_embeddings, parse_rename
 from ldm.scripts_common import USER_ERRORS
 
@@ -28,19 +28,6 @@ def parse_args(argv=None):
                    help="rename placeholder OLD of file N (from 1) to NEW; repeatable")
     p.add_argument("--tokenizer_path", type=str, default=None, help="local tokenizer folder (offline use)")
     return p.parse_args(argv)
-
-
-def token_function(stable_diffusion: bool, tokenizer_path: str | None):
-    """String -> single token id under the LDM (BERT) or SD (CLIP) tokenizer."""
-    if stable_diffusion:
-        from ldm.modules.encoders.pretrained import load_clip_tokenizer
-
-        tokenizer = load_clip_tokenizer("openai/clip-vit-large-patch14", tokenizer_path)
-        return lambda s: int(get_clip_token_for_string(tokenizer, s))
-    from ldm.modules.encoders.modules import BERTTokenizer
-
-    tokenizer = BERTTokenizer(vq_interface=False, tokenizer_path=tokenizer_path)
-    return lambda s: int(get_bert_token_for_string(tokenizer, s))
 
 
 def main(argv=None) -> int:

@@ -6,10 +6,12 @@ metadata), diffusers' `learned_embeds.{bin,safetensors}` ({token: [k, d] or [d]}
 (`string_to_param` with `name`/`step`) and `.safetensors` (`emb_params`). Every file is read without
 executing pickled code (`ldm.checkpoint.read_file`).
 
-Written here: the official `.pt` (readable by the reference, A1111 and diffusers) and our `.safetensors`:
-one tensor per placeholder named `string_to_param.<placeholder>`, metadata `format=textual_inversion`,
+Written: the official `.pt` (readable by the reference, A1111 and diffusers); our `.safetensors`: one
+tensor per placeholder named `string_to_param.<placeholder>`, metadata `format=textual_inversion`,
 `format_version`, `placeholders`, `string_to_token`, `num_vectors`, `token_dim` and any extra fields
-(base model, step, seed).
+(base model, step, seed); diffusers' `learned_embeds` layout ({placeholder: [k, d]}, `.bin` or
+`.safetensors`); A1111's `.pt` (with `name` and `step`) and `.safetensors` (`emb_params`). The last two
+formats hold one placeholder per file.
 """
 
 from __future__ import annotations
@@ -128,3 +130,46 @@ def write_safetensors(emb: EmbeddingSet, path: str | os.PathLike) -> None:
 def write_embeddings(emb: EmbeddingSet, path: str | os.PathLike) -> None:
     """By suffix: `.safetensors` -> ours, anything else -> the official `.pt`."""
     (write_safetensors if Path(path).suffix == ".safetensors" else write_official)(emb, path)
+
+
+FORMATS = ("official", "safetensors", "diffusers", "a1111")
+
+
+def _single(emb: EmbeddingSet, fmt: str) -> tuple[str, torch.Tensor]:
+    if len(emb.vectors) != 1:
+        raise EmbeddingFormatError(f"the {fmt} format holds one placeholder per file; this set has "
+                                   f"{list(emb.vectors)} (write one file per placeholder)")
+    return next(iter(emb.vectors.items()))
+
+
+def write_diffusers(emb: EmbeddingSet, path: str | os.PathLike) -> None:
+    """diffusers' `learned_embeds.bin` / `.safetensors`: {placeholder: [k, d]}."""
+    placeholder, vectors = _single(emb, "diffusers")
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        atomic_write(path, lambda tmp: save_file({placeholder: vectors.contiguous()}, tmp))
+    else:
+        atomic_write(path, lambda tmp: torch.save({placeholder: vectors.clone()}, tmp))
+
+
+def write_a1111(emb: EmbeddingSet, path: str | os.PathLike) -> None:
+    """AUTOMATIC1111's `.pt` ({string_to_token, string_to_param, name, step}) or `.safetensors` (emb_params)."""
+    placeholder, vectors = _single(emb, "a1111")
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        atomic_write(path, lambda tmp: save_file({"emb_params": vectors.contiguous()}, tmp))
+        return
+    obj = {"string_to_token": {"*": 265}, "string_to_param": {"*": vectors.clone()},
+           "name": emb.meta.get("name", Path(path).stem), "step": int(emb.meta.get("step", 0)),
+           "sd_checkpoint": None, "sd_checkpoint_name": None}
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_format(emb: EmbeddingSet, path: str | os.PathLike, fmt: str) -> None:
+    writers = {"official": write_official, "safetensors": write_safetensors, "diffusers": write_diffusers,
+               "a1111": write_a1111}
+    if fmt not in writers:
+        raise EmbeddingFormatError(f"unknown embeddings format '{fmt}'; choose one of {FORMATS}")
+    writers[fmt](emb, path)

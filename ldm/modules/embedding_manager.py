@@ -64,6 +64,19 @@ def get_bert_token_for_string(tokenizer, string: str) -> torch.Tensor:
     return token
 
 
+def token_function(stable_diffusion: bool, tokenizer_path: str | None = None):
+    """String -> single token id under SD's CLIP tokenizer or LDM's BERT tokenizer, without a model."""
+    if stable_diffusion:
+        from ldm.modules.encoders.pretrained import load_clip_tokenizer
+
+        tokenizer = load_clip_tokenizer("openai/clip-vit-large-patch14", tokenizer_path)
+        return lambda s: int(get_clip_token_for_string(tokenizer, s))
+    from ldm.modules.encoders.modules import BERTTokenizer
+
+    tokenizer = BERTTokenizer(vq_interface=False, tokenizer_path=tokenizer_path)
+    return lambda s: int(get_bert_token_for_string(tokenizer, s))
+
+
 def expand_placeholders(
     ids: torch.Tensor, embedded: torch.Tensor, token: torch.Tensor, vectors: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
