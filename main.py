@@ -28,10 +28,11 @@ def prepare(opt, unknown):
     """Everything before training; raises one of USER_ERRORS (reported as one line, exit code 1, a
     traceback with --debug) before anything is written."""
     dirs = run_dirs(opt)
-    if opt.train and not dirs.resume_ckpt and not opt.actual_resume:
-        raise UsageError("--actual_resume is required: the pretrained model checkpoint to invert against")
     pl.seed_everything(opt.seed, workers=True)
     config = merge_configs(dirs.resume_configs + list(opt.base), unknown)
+    inverting = "personalization_config" in config.model.get("params", {})
+    if opt.train and inverting and not dirs.resume_ckpt and not opt.actual_resume:
+        raise UsageError("--actual_resume is required: the pretrained model checkpoint to invert against")
     lightning_config = config.pop("lightning", None) or {}
     trainer_cfg = trainer_settings(dict(lightning_config.get("trainer", None) or {}), opt)
     apply_overrides(config, opt)
@@ -40,7 +41,7 @@ def prepare(opt, unknown):
     if "data" in config:
         for split in ("train", "validation"):
             node = config.data.params.get(split)
-            if node is not None and "data_root" not in node.params:
+            if node is not None and "personalized" in str(node.get("target")) and "data_root" not in node.params:
                 raise UsageError(f"--data_root is required (data.params.{split}.params.data_root is not set)")
     data = build_data(config, opt.seed) if "data" in config else None
     model = instantiate_from_config(config.model)

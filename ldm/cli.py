@@ -136,6 +136,10 @@ def count_devices(trainer_cfg: dict) -> int:
         return 1
     if isinstance(devices, (list, tuple)):
         return len(devices)
+    if str(devices).strip() == "-1":  # Lightning: all visible GPUs
+        import torch
+
+        return max(1, torch.cuda.device_count())
     text = str(devices).strip()
     if "," in text:
         return len([s for s in text.strip(",").split(",") if s.strip()])
@@ -150,7 +154,7 @@ def trainer_settings(yaml_trainer: dict, cli: argparse.Namespace) -> dict:
         if value is not None:
             cfg[flag] = value
     gpus = cfg.pop("gpus", None)
-    if gpus is not None:
+    if gpus is not None and parse_gpus(gpus) != 0:  # `--gpus 0` meant "no GPU" in Lightning 1.x
         cfg.setdefault("accelerator", "gpu")
         cfg["devices"] = parse_gpus(gpus)
     if isinstance(cfg.get("devices"), str):

@@ -1,4 +1,5 @@
-"""Embedding file formats (spec 3.4, B23, B32): round trips, third-party layouts, safe reading, atomic writes."""
+"""Embedding file formats (spec 3.4, B23, B32): round trips, third-party layouts, safe reading,
+atomic writes."""
 
 from __future__ import annotations
 
@@ -200,6 +201,14 @@ def test_diffusers_learned_embeds(tmp_path, suffix, k):
     assert emb.tokens == {}
 
 
+def test_diffusers_single_vector_1d(tmp_path):
+    vec = torch.randn(DIM)
+    path = tmp_path / "learned_embeds.bin"
+    torch.save({"<cat-toy>": vec}, path)
+    emb = read_embeddings(path)
+    assert torch.equal(emb.vectors["<cat-toy>"], vec[None])
+
+
 def test_a1111_pt(tmp_path):
     vec = torch.randn(2, DIM)
     path = tmp_path / "x.pt"
@@ -225,6 +234,31 @@ def test_a1111_safetensors_named_after_file(tmp_path):
 def test_unknown_layout_names_file(tmp_path, content):
     path = tmp_path / "weird.pt"
     torch.save(content, path)
+    with pytest.raises(EmbeddingFormatError) as e:
+        read_embeddings(path)
+    assert str(path) in str(e.value)
+
+
+def _bad_ours(path, tensors, meta):
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("case", ["placeholder_without_tensor", "bad_json", "no_placeholders",
+                                  "param_not_a_dict"])
+def test_inconsistent_file_raises_format_error(tmp_path, case):
+    vec = {"string_to_param.*": torch.randn(1, DIM)}
+    if case == "placeholder_without_tensor":
+        path = tmp_path / "e.safetensors"
+        _bad_ours(path, vec, {"format": "textual_inversion", "placeholders": json.dumps(["*", "@"])})
+    elif case == "bad_json":
+        path = tmp_path / "e.safetensors"
+        _bad_ours(path, vec, {"format": "textual_inversion", "placeholders": "[oops"})
+    elif case == "no_placeholders":
+        path = tmp_path / "e.safetensors"
+        _bad_ours(path, vec, {"format": "textual_inversion"})
+    else:
+        path = tmp_path / "e.pt"
+        torch.save({"string_to_param": torch.randn(2, DIM)}, path)
     with pytest.raises(EmbeddingFormatError) as e:
         read_embeddings(path)
     assert str(path) in str(e.value)
@@ -260,7 +294,8 @@ class _Evil:
 def test_malicious_pickle_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": _Evil(str(marker))}}, path)
+    payload = {"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": _Evil(str(marker))}}
+    torch.save(payload, path)
 
     with pytest.raises(CheckpointError):
         read_embeddings(path)
@@ -277,7 +312,7 @@ def test_malicious_pickle_is_refused(tmp_path):
 def test_malicious_plain_pickle_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.bin"
-    path.write_bytes(pickle.dumps({"<x>": _Evil(str(marker))}))
+    path.write_bytes(pickle.dumps({"<x>": _Evil(str(marker))}, protocol=2))
     with pytest.raises(CheckpointError):
         read_embeddings(path)
     assert not marker.exists()
@@ -338,4 +373,4 @@ def test_crash_while_writing_safetensors_leaves_existing_file(tmp_path, monkeypa
 
 def test_mixed_widths_rejected():
     with pytest.raises(EmbeddingFormatError, match="widths"):
-        EmbeddingSet({"*": torch.randn(1, 4), "@": torch.randn(1, 5)}).token_dim
+        _ = EmbeddingSet({"*": torch.randn(1, 4), "@": torch.randn(1, 5)}).token_dim

@@ -11,7 +11,7 @@ import logging
 
 import pytest
 import torch
-from conftest import fixture_path, parity_config
+from conftest import parity_config
 from torch import nn
 
 import ldm.modules.embedding_manager as em
@@ -173,7 +173,8 @@ def test_substitute_two_placeholders_in_one_row(bert):
     new_ids, out = manager.substitute(ids, embedded)
 
     assert new_ids.tolist() == [[CLS, 14, STAR, STAR, 18, AT, AT, SEP, 0, 0]]
-    expected = torch.stack([e[0, 0], e[0, 1], star[0], star[1], e[0, 3], at[0], at[1], e[0, 5], e[0, 6], e[0, 7]])
+    expected = torch.stack([e[0, 0], e[0, 1], star[0], star[1], e[0, 3], at[0], at[1],
+                            e[0, 5], e[0, 6], e[0, 7]])
     assert torch.equal(out[0], expected)
     assert torch.equal(ids, ids_before)  # B22
     assert torch.equal(manager(ids, embedded), out)  # forward == substitute()[1]
@@ -188,7 +189,8 @@ def test_two_vector_file_under_single_vector_config(bert, tmp_path):
     vectors = torch.randn(2, DIM)
     path = tmp_path / "two.pt"
     write_official(EmbeddingSet({"*": vectors}, {"*": STAR}), path)
-    manager = EmbeddingManager(bert, placeholder_strings=["*"], initializer_words=["cat"], num_vectors_per_token=1)
+    manager = EmbeddingManager(bert, placeholder_strings=["*"], initializer_words=["cat"],
+                               num_vectors_per_token=1)
     manager.load(path)
     assert manager.string_to_param_dict["*"].shape == (2, DIM)
 
@@ -196,7 +198,8 @@ def test_two_vector_file_under_single_vector_config(bert, tmp_path):
     ids = _ids([CLS, STAR, 5, SEP], [CLS, 6, STAR, SEP])
     embedded = torch.randn(2, 10, DIM)
     new_ids, out = manager.substitute(ids, embedded)
-    assert new_ids.tolist() == [[CLS, STAR, STAR, 5, SEP, 0, 0, 0, 0, 0], [CLS, 6, STAR, STAR, SEP, 0, 0, 0, 0, 0]]
+    assert new_ids.tolist() == [[CLS, STAR, STAR, 5, SEP, 0, 0, 0, 0, 0],
+                                [CLS, 6, STAR, STAR, SEP, 0, 0, 0, 0, 0]]
     assert torch.equal(out[0, 1:3], vectors)
     assert torch.equal(out[1, 2:4], vectors)
     assert torch.equal(out[0, 3], embedded[0, 2])
@@ -233,7 +236,8 @@ def test_load_file_without_token_ids_uses_the_tokenizer(bert, tmp_path):
 
 def test_progressive_words_grow_one_two_three(bert, monkeypatch):
     monkeypatch.setattr(em, "PROGRESSIVE_SCALE", 2)
-    manager = EmbeddingManager(bert, placeholder_strings=["*"], num_vectors_per_token=3, progressive_words=True)
+    manager = EmbeddingManager(bert, placeholder_strings=["*"], num_vectors_per_token=3,
+                               progressive_words=True)
     ids = _ids([CLS, STAR, 5, SEP])
     embedded = torch.randn(1, 10, DIM)
     param = manager.string_to_param_dict["*"].detach()
@@ -252,7 +256,8 @@ def test_progressive_words_grow_one_two_three(bert, monkeypatch):
 
 def test_progressive_counter_advances_without_the_placeholder(bert, monkeypatch):
     monkeypatch.setattr(em, "PROGRESSIVE_SCALE", 2)
-    manager = EmbeddingManager(bert, placeholder_strings=["*", "@"], num_vectors_per_token=3, progressive_words=True)
+    manager = EmbeddingManager(bert, placeholder_strings=["*", "@"], num_vectors_per_token=3,
+                               progressive_words=True)
     manager.substitute(_ids([CLS, 5, SEP]), torch.randn(1, 10, DIM))
     assert manager.progressive_counter == 2  # once per placeholder string per call, before the presence check
     new_ids, _ = manager.substitute(_ids([CLS, STAR, SEP]), torch.randn(1, 10, DIM))
@@ -260,7 +265,8 @@ def test_progressive_counter_advances_without_the_placeholder(bert, monkeypatch)
 
 
 def test_progressive_words_off_uses_all_vectors(bert):
-    manager = EmbeddingManager(bert, placeholder_strings=["*"], num_vectors_per_token=3, progressive_words=False)
+    manager = EmbeddingManager(bert, placeholder_strings=["*"], num_vectors_per_token=3,
+                               progressive_words=False)
     new_ids, _ = manager.substitute(_ids([CLS, STAR, SEP]), torch.randn(1, 10, DIM))
     assert int((new_ids == STAR).sum()) == 3
     assert manager.progressive_counter == 0
@@ -464,7 +470,6 @@ def test_regularizer_invalid_form(bert):
 
 
 def test_warn_unmatched_glued_placeholder(clip, caplog):
-    fixture_path("tokenizers", "clip")
     manager = EmbeddingManager(clip, placeholder_strings=["*"], initializer_words=["sculpture"])
     with caplog.at_level(logging.WARNING, logger="ldm.modules.embedding_manager"):
         manager.warn_unmatched(["a photo of *"])
@@ -476,3 +481,11 @@ def test_warn_unmatched_glued_placeholder(clip, caplog):
     assert len(warnings) == 1
     message = warnings[0].getMessage()
     assert "'*'" in message and "*, trending on artstation" in message
+
+
+def test_warn_unmatched_once_per_text(clip, caplog):
+    manager = EmbeddingManager(clip, placeholder_strings=["*"])
+    with caplog.at_level(logging.WARNING, logger="ldm.modules.embedding_manager"):
+        manager.warn_unmatched(["*, trending on artstation", "*, trending on artstation"])
+        manager.warn_unmatched(["*, trending on artstation"])
+    assert len(caplog.records) == 1

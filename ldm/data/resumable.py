@@ -116,4 +116,5 @@ class ResumableDataLoader(DataLoader):
         return {"epoch": self.sampler.epoch, "batches": self._yielded}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sampler.resume(int(state["epoch"]), int(state["batches"]) * self.batch_size)
+        if int(state["epoch"]) >= 0:  # -1: saved before the first pass began, nothing to continue
+            self.sampler.resume(int(state["epoch"]), int(state["batches"]) * self.batch_size)

@@ -5,9 +5,11 @@ Ported from CompVis/latent-diffusion@5a6571e, `ldm/models/autoencoder.py` (uncha
 rinongal/textual_inversion). Module names are the `first_stage_model.*` checkpoint keys and are kept.
 
 Local changes:
-- Training code (`training_step`, `validation_step`, `configure_optimizers`, `log_images`, `to_rgb`, the
-  VQ model's EMA and batch-resizing) is not ported yet: Textual Inversion keeps the first stage frozen.
-  `VQModel(use_ema=True)` and `batch_resize_range` raise `NotImplementedError` instead of being ignored.
+- `AutoencoderKL` trains with a single optimizer and a loss `(inputs, reconstructions, posterior, split)
+  -> (loss, log)` such as `ldm.modules.losses.KLReconstructionLoss` (the bundled toy model); the
+  two-optimizer GAN schedule of `LPIPSWithDiscriminator` is not ported (it needs pretrained VGG weights).
+  The VQ model's training code, EMA and batch-resizing are not ported: `VQModel(use_ema=True)` and
+  `batch_resize_range` raise `NotImplementedError` instead of being ignored.
 - `VQModel` uses the local `ldm.modules.vqvae.quantize.VectorQuantizer2` instead of importing
   taming-transformers.
 - Checkpoints are loaded through `ldm.checkpoint.load_state_dict_into` (one loader for the repository).
@@ -113,6 +115,40 @@ class AutoencoderKL(_FirstStageBase):
         posterior = self.encode(input)
         z = posterior.sample() if sample_posterior else posterior.mode()
         return self.decode(z), posterior
+
+
+    # -- training (single optimizer; see the module docstring) ----------------------------------------
+
+    def _step(self, batch, split: str):
+        if isinstance(self.loss, nn.Identity):
+            raise NotImplementedError("this first stage has lossconfig torch.nn.Identity: it cannot be trained")
+        inputs = self.get_input(batch, self.image_key)
+        reconstructions, posterior = self(inputs)
+        return self.loss(inputs, reconstructions, posterior, split=split)
+
+    def training_step(self, batch, batch_idx):
+        loss, log = self._step(batch, "train")
+        self.log_dict(log, prog_bar=False, logger=True, on_step=True, on_epoch=True)
+        self.log("train/loss", loss, prog_bar=True, logger=True, on_step=True, on_epoch=False)
+        return loss
+
+    @torch.no_grad()
+    def validation_step(self, batch, batch_idx):
+        _, log = self._step(batch, "val")
+        self.log_dict(log, logger=True, on_step=False, on_epoch=True)
+
+    def configure_optimizers(self):
+        params = [*self.encoder.parameters(), *self.decoder.parameters(), *self.quant_conv.parameters(),
+                  *self.post_quant_conv.parameters()]
+        return torch.optim.Adam(params, lr=self.learning_rate, betas=(0.5, 0.9))
+
+    @torch.no_grad()
+    def log_images(self, batch, N: int = 8, split: str | None = None) -> dict[str, torch.Tensor]:
+        """inputs, reconstructions and decodes of random latents, in [-1, 1]."""
+        x = self.get_input(batch, self.image_key)[:N].to(self.device)
+        rec, posterior = self(x)
+        return {"inputs": x, "reconstructions": rec,
+                "samples": self.decode(torch.randn_like(posterior.sample()))}
 
 
 class VQModel(_FirstStageBase):

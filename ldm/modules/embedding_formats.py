@@ -79,6 +79,15 @@ def read_embeddings(path: str | os.PathLike) -> EmbeddingSet:
 
 
 def _from_flat(data: dict, meta: dict[str, str], path: Path) -> EmbeddingSet:
+    try:
+        return _parse(data, meta, path)
+    except (KeyError, ValueError, AttributeError, TypeError) as e:  # json errors are ValueErrors
+        if isinstance(e, EmbeddingFormatError):
+            raise
+        raise EmbeddingFormatError(f"{path}: inconsistent embeddings file ({type(e).__name__}: {e})") from e
+
+
+def _parse(data: dict, meta: dict[str, str], path: Path) -> EmbeddingSet:
     if meta.get("format") == FORMAT_NAME:
         placeholders = json.loads(meta["placeholders"])
         tokens = {k: int(v) for k, v in json.loads(meta.get("string_to_token", "{}")).items()}

@@ -243,7 +243,8 @@ class EmbeddingManager(nn.Module):
 
     def save(self, ckpt_path: str | os.PathLike, meta: dict | None = None) -> None:
         """Write the vectors atomically, on the CPU: the official `.pt` (`string_to_token`,
-        `string_to_param`), or with a `.safetensors` suffix our safetensors layout with `meta`."""
+        `string_to_param`; it has no place for `meta`), or with a `.safetensors` suffix our safetensors
+        layout, which stores `meta` (step, seed, base model, ...)."""
         write_embeddings(self.to_embedding_set(meta), ckpt_path)
 
     def load(self, ckpt_path: str | os.PathLike) -> None:

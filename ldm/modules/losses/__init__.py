@@ -1,0 +1,1 @@
+from ldm.modules.losses.reconstruction import KLReconstructionLoss  # noqa: F401
