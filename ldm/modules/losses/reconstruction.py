@@ -7,7 +7,6 @@ the KL term suffice: loss = mean |x - x_rec| (or squared) + kl_weight * KL(q(z|x
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
