@@ -9,7 +9,13 @@ from conftest import REPO, fixture_path, parity_config
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from ldm.modules.embedding_formats import FORMATS, EmbeddingFormatError, EmbeddingSet, read_embeddings, write_format
+from ldm.modules.embedding_formats import (
+    FORMATS,
+    EmbeddingFormatError,
+    EmbeddingSet,
+    read_embeddings,
+    write_format,
+)
 from ldm.scripts_common import run_script
 
 
