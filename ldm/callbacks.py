@@ -138,7 +138,7 @@ class CUDACallback(pl.Callback):
 
     def _cuda_device(self, trainer):
         device = trainer.strategy.root_device
-        return device if device.type == "cuda" else None
+        return device if torch.cuda.is_available() and device.type not in ("cpu", "mps") else None
 
     def on_train_epoch_start(self, trainer, pl_module):
         device = self._cuda_device(trainer)

@@ -27,6 +27,7 @@ from ldm.checkpoint import read_file
 from ldm.image_grid import make_grid, save_image, to_uint8
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.scripts_common import default_device
 from ldm.util import instantiate_from_config
 
 
@@ -54,7 +55,7 @@ def build_parser(description: str, defaults: dict) -> argparse.ArgumentParser:
     p.add_argument("--embedding_path", type=str, nargs="+", default=None, help="embedding file(s) to load")
     p.add_argument("--seed", type=int, default=defaults["seed"], help="seed (random and recorded if unset)")
     p.add_argument("--precision", type=str, choices=["full", "autocast"], default=defaults["precision"])
-    p.add_argument("--device", type=str, default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--device", type=str, default=default_device(), help="torch device (default: %(default)s)")
     p.add_argument("--tokenizer_path", type=str, default=None, help="local tokenizer folder (offline)")
     p.add_argument("--start_code", type=str, default=None,
                    help="starting noise [n_samples, C, H/f, W/f] from a .safetensors/.pt file (key x_T)")
@@ -87,7 +88,7 @@ def slug(text: str) -> str:
 
 def run(opt, overrides: list[str]) -> list[Path]:
     """Generate; returns the paths written."""
-    device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(opt.device)  # chosen by the script (scripts_common.default_device)
     seed = opt.seed if opt.seed is not None else random.SystemRandom().randrange(2**31)
     model = load_model(opt.config, opt.ckpt, overrides, opt.tokenizer_path, device)
     embeddings = []
@@ -114,7 +115,8 @@ def run(opt, overrides: list[str]) -> list[Path]:
     info = {"seed": seed, "scale": opt.scale, "steps": opt.ddim_steps, "eta": opt.ddim_eta,
             "sampler": "plms" if opt.plms else "ddim", "ckpt": opt.ckpt, "config": opt.config,
             "embeddings": json.dumps(embeddings), "size": f"{opt.W}x{opt.H}"}
-    precision = torch.autocast(device.type) if opt.precision == "autocast" and device.type == "cuda" \
+    # "autocast" as the reference: half-precision matmuls on an accelerator; the CPU always runs in full
+    precision = torch.autocast(device.type) if opt.precision == "autocast" and device.type != "cpu" \
         else contextlib.nullcontext()
     written, images, latents = [], [], []
     with torch.no_grad(), precision, model.ema_scope():

@@ -7,12 +7,23 @@ import logging
 import sys
 from collections.abc import Callable
 
+import torch
+
 from ldm.checkpoint import CheckpointError
 from ldm.modules.embedding_manager import PlaceholderError
 from ldm.modules.encoders.pretrained import PretrainedResourceError
 
 #: Errors that are the user's to fix (a wrong path, file, flag or value), reported without a traceback.
 USER_ERRORS = (CheckpointError, PlaceholderError, PretrainedResourceError, FileNotFoundError, ValueError)
+
+
+def default_device() -> str:
+    """The entry points' default device: the first accelerator torch finds, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device(torch.cuda.current_device()).type
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
 
 
 def run_script(name: str, parser: argparse.ArgumentParser, fn: Callable, argv=None) -> int:
