@@ -26,7 +26,9 @@ from einops import rearrange
 from torch import nn
 
 from ldm.checkpoint import load_state_dict_into, read_state_dict
+from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.diffusion.ddpm_schedule import SCHEDULE_BUFFERS, lvlb_weights, schedule_table
+from ldm.models.diffusion.latent_cache import LatentCache
 from ldm.models.diffusion.textual_inversion import (
     REG_FORMS,
     build_embedding_manager,
@@ -292,6 +294,7 @@ class LatentDiffusion(DDPM):
         conditioning_key=None,
         scale_factor=1.0,
         scale_by_std=False,
+        cache_first_stage=None,
         *args,
         **kwargs,
     ):
@@ -325,6 +328,11 @@ class LatentDiffusion(DDPM):
         self.cond_stage_forward = cond_stage_forward
         self.clip_denoised = False
         self.restarted_from_ckpt = False
+        # Posterior moments of the (few) training images are cached: exact, see latent_cache.py. None: on
+        # for textual inversion, off otherwise (a large dataset would rarely hit).
+        if cache_first_stage is None:
+            cache_first_stage = personalization_config is not None
+        self.latent_cache = LatentCache() if cache_first_stage else None
         self.embedding_manager = None
         manager_state = {}
         if ckpt_path is not None:
@@ -390,6 +398,9 @@ class LatentDiffusion(DDPM):
 
     @torch.no_grad()
     def encode_first_stage(self, x):
+        if self.latent_cache is not None and isinstance(self.first_stage_model, AutoencoderKL):
+            moments = self.latent_cache.moments(x, lambda b: self.first_stage_model.encode(b).parameters)
+            return DiagonalGaussianDistribution(moments)
         return self.first_stage_model.encode(x)
 
     def differentiable_decode_first_stage(self, z, predict_cids=False, force_not_quantize=False):

@@ -1,0 +1,53 @@
+"""Cache of first-stage posterior moments for the few images textual inversion trains on.
+
+The reference encodes the same 3-5 training images (each with or without its flip) through the frozen
+autoencoder at every step: about a quarter of the step time of LDM 1.4B on a CPU. The encoder is
+deterministic, so its output moments (mean, logvar) for a given image never change; only the posterior
+*sample* is random. This cache stores the moments per distinct input image (keyed by the bytes of the
+[C, H, W] tensor) and the model still draws the sample from them every step, with the same noise as
+before: losses are identical to the uncached path for the same noise (tested).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import torch
+
+
+class LatentCache:
+    """Moments [2 * z_channels, h, w] per image, least recently used entries dropped past `max_items`."""
+
+    def __init__(self, max_items: int = 4096):
+        self.max_items = max_items
+        self._store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    @staticmethod
+    def key(image: torch.Tensor) -> bytes:
+        t = image.detach().to("cpu", torch.float32).contiguous()
+        return hashlib.blake2b(t.numpy().tobytes() + str(tuple(t.shape)).encode(), digest_size=16).digest()
+
+    def moments(self, images: torch.Tensor, encode) -> torch.Tensor:
+        """Moments for a batch [B, C, H, W]: cached ones reused, the others computed by `encode` (a
+        function of a batch returning moments [b, 2 * z, h, w]) in one call and stored."""
+        keys = [self.key(x) for x in images]
+        missing = [i for i, k in enumerate(keys) if k not in self._store]
+        if missing:
+            fresh = encode(images[missing]).detach()
+            for i, m in zip(missing, fresh, strict=True):
+                self._store[keys[i]] = m
+            while len(self._store) > self.max_items:
+                self._store.popitem(last=False)
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        out = []
+        for k in keys:
+            self._store.move_to_end(k)
+            out.append(self._store[k])
+        return torch.stack(out).to(images.device)

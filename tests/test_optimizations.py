@@ -1,0 +1,71 @@
+"""Issue 7 acceptance 3: each speed/memory switch keeps the numerics of a training step (tiny configs)."""
+
+import json
+
+import pytest
+import torch
+from conftest import PARITY_NAMES, assert_close, build_parity_model, fixture_path
+from safetensors.torch import load_file
+
+from ldm.modules import attention
+from ldm.modules.diffusionmodules import util
+
+
+@pytest.fixture(scope="module", params=PARITY_NAMES)
+def case(request, tmp_path_factory):
+    name = request.param
+    model = build_parity_model(name, tmp_path_factory.mktemp(name))
+    f = load_file(str(fixture_path("parity", name, "training.safetensors")))
+    captions = json.loads(fixture_path("parity", name, "meta.json").read_text())["losses"]["shared_step_captions"]
+    batch = {"image": f["shared_step_image"], "caption": captions}
+    vectors = load_file(str(fixture_path("parity", name, "embeddings.safetensors")))["nv1_perturbed"]
+    with torch.no_grad():
+        model.embedding_manager.string_to_param_dict["*"].copy_(vectors)
+    return model, batch, f
+
+
+def step(model, batch, f):
+    """Loss and embedding gradient of one training step with fixed randomness."""
+    model.zero_grad(set_to_none=True)
+    loss, _ = model.shared_step(batch, posterior_noise=f["shared_step_posterior_noise"], t=f["shared_step_t"],
+                                noise=f["shared_step_noise"])
+    loss.backward()
+    return loss.detach(), model.embedding_manager.string_to_param_dict["*"].grad.clone()
+
+
+def test_cached_latents_match_uncached(case):
+    model, batch, f = case
+    cache = model.latent_cache
+    assert cache is not None  # on by default for textual inversion
+    model.latent_cache = None
+    ref_loss, ref_grad = step(model, batch, f)
+    model.latent_cache = cache
+    for _ in range(2):  # first call fills the cache, the second one hits it
+        loss, grad = step(model, batch, f)
+        assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+    assert cache.hits >= 2 and len(cache) == 2
+    assert_close(loss, f["shared_step_loss"], what="loss vs reference")
+
+
+def test_sdpa_attention_matches_math(case):
+    model, batch, f = case
+    ref_loss, ref_grad = step(model, batch, f)
+    attention.set_attention_backend("sdpa")
+    try:
+        loss, grad = step(model, batch, f)
+    finally:
+        attention.set_attention_backend("math")
+    assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6, what="loss")
+    assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7, what="grad")
+
+
+def test_gradient_checkpointing_matches(case):
+    model, batch, f = case
+    ref_loss, ref_grad = step(model, batch, f)
+    util.set_gradient_checkpointing(True)
+    try:
+        loss, grad = step(model, batch, f)
+    finally:
+        util.set_gradient_checkpointing(False)
+    assert_close(loss, ref_loss, rtol=1e-6, atol=0, what="loss")
+    assert_close(grad, ref_grad, rtol=1e-5, atol=1e-8, what="grad")

@@ -1,0 +1,190 @@
+"""The toy world (ldm/data/toy_world.py) and its attribute scorer (ldm/toy/scorer.py): determinism, captions
+that agree with the rendered attributes, the vocabulary, balanced concept folders, and the committed scorer."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.data import toy_world as tw
+from ldm.data.toy_world import ATTRIBUTE_VALUES, UNNAMED_SHAPE, Attributes, ToyWorld
+
+REPO = Path(__file__).resolve().parents[1]
+SCORER = REPO / "assets" / "toy" / "scorer.safetensors"
+N_CAPTIONS = 2000
+
+
+@pytest.fixture(scope="module")
+def items():
+    world = ToyWorld(length=N_CAPTIONS, seed=3)
+    return [world[i] for i in range(N_CAPTIONS)]
+
+
+def _alternatives(words) -> str:
+    return "|".join(re.escape(w) for w in words)
+
+
+#: The caption grammar, strict: optional prefix, article, optional colour, noun, optional phrases in order.
+CAPTION = re.compile(
+    rf"^(?:{_alternatives(p for p in tw.PREFIXES if p)})?(?:a|an) "
+    rf"(?:(?P<color>{_alternatives(tw.COLORS)}) )?(?P<noun>{_alternatives((*tw.NAMED_SHAPES, *tw.COARSE_WORDS))})"
+    rf"(?: (?P<position>{_alternatives(tw.POSITION_PHRASES.values())}))?"
+    rf"(?: on a (?P<background>{_alternatives(tw.BACKGROUNDS)}) background)?$"
+)
+
+
+def parse_caption(text: str) -> dict[str, str]:
+    """The attributes a caption names (a coarse noun names no shape)."""
+    match = CAPTION.match(text)
+    assert match, f"caption does not follow the template: {text!r}"
+    named = {k: v for k, v in match.groupdict().items() if v is not None}
+    noun = named.pop("noun")
+    if noun not in tw.COARSE_WORDS:
+        named["shape"] = noun
+    if "position" in named:
+        named["position"] = {v: k for k, v in tw.POSITION_PHRASES.items()}[named["position"]]
+    return named
+
+
+def test_render_is_a_pure_function_of_its_arguments():
+    attrs = Attributes("star", "red", "white", "left")
+    assert tw.render(attrs).tobytes() == tw.render(attrs).tobytes()
+    a = tw.render(attrs, rng=np.random.default_rng(7))
+    b = tw.render(attrs, rng=np.random.default_rng(7))
+    assert a.dtype == np.uint8 and a.shape == (32, 32, 3)
+    assert a.tobytes() == b.tobytes()
+    assert a.tobytes() != tw.render(attrs, rng=np.random.default_rng(8)).tobytes()
+
+
+def test_dataset_items_are_pure_functions_of_seed_split_and_index():
+    first, again = ToyWorld(length=50, seed=5), ToyWorld(length=50, seed=5)
+    np.random.seed(0)  # the global generators must play no part
+    x = first[17]
+    np.random.seed(1)
+    torch.manual_seed(1)
+    y = again[17]
+    assert x["caption"] == y["caption"] and x["labels"] == y["labels"]
+    assert x["image"].tobytes() == y["image"].tobytes()
+    assert x["image"].dtype == np.float32 and x["image"].shape == (32, 32, 3)
+    assert -1.0 <= x["image"].min() and x["image"].max() <= 1.0
+    others = [ToyWorld(length=50, seed=6)[17], ToyWorld(length=50, seed=5, split="validation")[17], first[18]]
+    assert all(o["image"].tobytes() != x["image"].tobytes() for o in others)
+    with pytest.raises(IndexError):
+        first[50]
+
+
+def test_captions_name_the_rendered_attributes(items):
+    coarse_named, named = 0, 0
+    for item in items:
+        attrs = Attributes.from_labels(item["labels"])
+        for name, value in parse_caption(item["caption"]).items():
+            assert value == getattr(attrs, name), (item["caption"], attrs)
+        assert UNNAMED_SHAPE not in item["caption"].split()
+        if attrs.shape == UNNAMED_SHAPE:
+            assert "shape" not in parse_caption(item["caption"]), item["caption"]
+        else:
+            named += 1
+            coarse_named += "shape" not in parse_caption(item["caption"])
+    assert 0.07 <= coarse_named / named <= 0.13, coarse_named / named
+    kept = Counter(k for item in items for k in parse_caption(item["caption"]) if k != "shape")
+    for name in ("color", "position", "background"):
+        assert 0.70 <= kept[name] / len(items) <= 0.80, (name, kept[name] / len(items))
+
+
+def test_rendered_pixels_show_the_labelled_attributes(items):
+    for item in items[:300]:
+        attrs = Attributes.from_labels(item["labels"])
+        pixels = np.round((item["image"] + 1) * 127.5)
+        assert np.abs(pixels[0, 0] - tw.BACKGROUNDS[attrs.background]).max() <= 2
+        object_mask = np.abs(pixels - tw.COLORS[attrs.color]).max(-1) <= 8
+        assert object_mask.sum() >= 15, attrs
+        column = np.nonzero(object_mask)[1].mean() / 32
+        nearest = min(tw.POSITIONS, key=lambda p: abs(tw.POSITIONS[p] - column))
+        assert nearest == attrs.position, (attrs, column)
+
+
+def test_background_never_equals_the_object_colour(items, monkeypatch):
+    assert all(Attributes.from_labels(item["labels"]).background != Attributes.from_labels(item["labels"]).color
+               for item in items)
+    shapes = Counter(Attributes.from_labels(item["labels"]).shape for item in items)
+    assert 0.03 <= shapes[UNNAMED_SHAPE] / len(items) <= 0.07  # UNNAMED_PROB = 0.05
+    # The real lists are disjoint; give the backgrounds a shape colour to exercise the rule itself.
+    monkeypatch.setitem(ATTRIBUTE_VALUES, "background", [*ATTRIBUTE_VALUES["background"], "red"])
+    with pytest.raises(ValueError, match="background must differ"):
+        Attributes("circle", "red", "red", "left")
+    rng = np.random.default_rng(0)
+    drawn = [tw.sample_attributes(rng) for _ in range(500)]
+    assert any(a.background == "red" for a in drawn)
+    assert all(a.background != a.color for a in drawn)
+
+
+def test_committed_vocabulary_is_the_generated_one(tmp_path):
+    tw.write_vocab(tmp_path)
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        assert (tw.VOCAB_FOLDER / name).read_bytes() == (tmp_path / name).read_bytes(), (
+            f"{name} is stale: run `python -m ldm.data.toy_world --write-vocab`")
+
+
+def test_every_caption_and_edit_prompt_is_one_known_token_per_word(items):
+    from transformers import BertTokenizerFast
+
+    tokenizer = BertTokenizerFast.from_pretrained(str(tw.VOCAB_FOLDER))
+    prompts = [item["caption"] for item in items]
+    prompts += ["a * on the left", "a red *", "a * on a blue background", f"a photo of a {UNNAMED_SHAPE}"]
+    prompts += [" ".join(values) for values in ATTRIBUTE_VALUES.values()]
+    for text, ids in zip(prompts, tokenizer(prompts)["input_ids"], strict=True):
+        assert tokenizer.unk_token_id not in ids, text
+        assert len(ids) == len(text.split()) + 2, (text, tokenizer.convert_ids_to_tokens(ids))
+    vocab = tokenizer.get_vocab()
+    assert vocab["[PAD]"] == 0 and "*" in vocab and "@" in vocab
+
+
+@pytest.mark.parametrize("shape,n", [(UNNAMED_SHAPE, 5), ("star", 6), ("circle", 12)])
+def test_concept_images_are_balanced_over_nuisance_attributes(tmp_path, shape, n):
+    written = tw.write_concept_images(tmp_path / shape, shape, n=n, seed=1)
+    assert sorted(p.name for p, _ in written) == sorted(p.name for p in (tmp_path / shape).iterdir())
+    objects = [attrs for _, attrs in written]
+    assert all(a.shape == shape and a.color != a.background for a in objects)
+    for name in ("color", "background", "position"):
+        counts = Counter(getattr(a, name) for a in objects)
+        full = [counts.get(v, 0) for v in ATTRIBUTE_VALUES[name]]
+        assert max(full) - min(full) <= 1, (name, counts)
+    assert len({(a.color, a.background, a.position) for a in objects}) == n
+    with Image.open(written[0][0]) as image:
+        assert image.size == (32, 32) and image.mode == "RGB"
+    again = tw.write_concept_images(tmp_path / "again", shape, n=n, seed=1)
+    assert [a for _, a in again] == objects
+    assert all(p.read_bytes() == q.read_bytes() for (p, _), (q, _) in zip(written, again, strict=True))
+
+
+def test_scorer_file_round_trip(tmp_path):
+    from ldm.toy.scorer import ToyScorer, load_scorer, save_scorer
+
+    torch.manual_seed(0)
+    model = ToyScorer().eval()
+    path = save_scorer(model, tmp_path / "s.safetensors")
+    loaded = load_scorer(path)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    for name, logits in model(x).items():
+        assert torch.equal(logits, loaded(x)[name])
+    assert path.stat().st_size < 2_000_000
+
+
+def test_committed_scorer_recognises_fresh_renders():
+    if not SCORER.exists():
+        pytest.skip(f"{SCORER} is absent: train it with scripts/train_toy_scorer.py")
+    from ldm.toy.scorer import accuracy, eval_set, load_scorer
+
+    scorer = load_scorer(SCORER)
+    images, labels = eval_set(200, seed=20240, kind="clean")
+    for name, value in accuracy(scorer, images, labels).items():
+        assert value >= 0.95, (name, value)
+    uint8 = tw.render(Attributes("triangle", "yellow", "black", "right"))
+    result = scorer.score(uint8)
+    assert [result[name]["value"][0] for name in ATTRIBUTE_VALUES] == ["triangle", "yellow", "black", "right"]
