@@ -136,15 +136,20 @@ class RunnerSpec:
     device: str | None = None
     save_grids: bool = True
 
+    def is_reconstruction(self, prompt: str) -> bool:
+        """Whether `prompt` is the reconstruction prompt (case and spacing ignored, as the tokenizers do)."""
+        return " ".join(prompt.lower().split()) == " ".join(self.reconstruction_prompt.lower().split())
+
     @property
     def all_prompts(self) -> list[str]:
         """The prompts, the reconstruction prompt first (added when missing)."""
-        rest = [p for p in self.prompts if p != self.reconstruction_prompt]
-        return [self.reconstruction_prompt, *rest]
+        recon = next((p for p in self.prompts if self.is_reconstruction(p)), self.reconstruction_prompt)
+        return [recon, *[p for p in self.prompts if not self.is_reconstruction(p)]]
 
     @property
     def editing_prompts(self) -> list[str]:
-        return [p for p in self.prompts if p != self.reconstruction_prompt] or [self.reconstruction_prompt]
+        """The prompts whose samples give the text similarity (all prompts if there is no other)."""
+        return [p for p in self.prompts if not self.is_reconstruction(p)] or self.all_prompts[:1]
 
 
 def _only_known(data: dict, cls, where: str) -> dict:
@@ -277,7 +282,7 @@ class Scorer:
         return torch.Generator(device=self.model.device).manual_seed(seed)
 
     def add(self, name: str, concept: Concept, prompt: str, sampled: str, seed, image_values, text_values):
-        role = "reconstruction" if prompt == self.spec.reconstruction_prompt else "editing"
+        role = "reconstruction" if self.spec.is_reconstruction(prompt) else "editing"
         pool = self.pools.setdefault(name, Pool())
         if role == "reconstruction":
             pool.image += list(image_values)

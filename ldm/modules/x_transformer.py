@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.attention import get_attention_backend
+
 DEFAULT_DIM_HEAD = 64
 
 # x-transformers options that this port does not implement, with the upstream defaults (accepted as no-ops).
@@ -154,6 +156,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = (self._split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
+        if mask is None and get_attention_backend() == "sdpa" and not (self.training and self.dropout.p > 0):
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # same maths, fused kernel
+            b, h, n, d = out.shape
+            return self.to_out(out.transpose(1, 2).reshape(b, n, h * d))
         dots = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # [b, h, n, n]
         if mask is not None:
             pair_mask = mask[:, None, :, None] & mask[:, None, None, :]
