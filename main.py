@@ -19,6 +19,8 @@ import pytorch_lightning as pl
 from ldm.callbacks import CUDACallback, ImageLogger, LearningRateMonitor, SetupCallback  # noqa: F401
 from ldm.cli import UsageError, apply_overrides, merge_configs, parse_args, run_dirs, trainer_settings
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401
+from ldm.modules.attention import set_attention_backend
+from ldm.modules.diffusionmodules.util import set_gradient_checkpointing
 from ldm.scripts_common import USER_ERRORS
 from ldm.training import build_callbacks, build_data, build_loggers, save_last, set_learning_rate
 from ldm.util import instantiate_from_config
@@ -29,6 +31,8 @@ def prepare(opt, unknown):
     traceback with --debug) before anything is written."""
     dirs = run_dirs(opt)
     pl.seed_everything(opt.seed, workers=True)
+    set_attention_backend(opt.attention)
+    set_gradient_checkpointing(opt.gradient_checkpointing)
     config = merge_configs(dirs.resume_configs + list(opt.base), unknown)
     inverting = "personalization_config" in config.model.get("params", {})
     if opt.train and inverting and not dirs.resume_ckpt and not opt.actual_resume:

@@ -82,12 +82,17 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--init_word", type=str, help="word used to initialise the placeholder vector(s)")
     p.add_argument("--tokenizer_path", type=str, default=None,
                    help="local folder with the text encoder's tokenizer files (offline use)")
+    p.add_argument("--attention", choices=["sdpa", "math"], default="sdpa",
+                   help="attention kernel: PyTorch SDPA (default, same maths, faster) or the reference's math")
+    p.add_argument("--gradient_checkpointing", type=str2bool, nargs="?", const=True, default=False,
+                   help="recompute UNet transformer blocks in backward (less memory, same numbers, slower)")
     for flag, kind in TRAINER_FLAGS.items():
         p.add_argument(f"--{flag}", type=kind, default=None, help=argparse.SUPPRESS)
     return p
 
 
-BOOL_FLAGS = ("-t", "--train", "--no-test", "-d", "--debug", "--scale_lr", "--datadir_in_name")
+BOOL_FLAGS = ("-t", "--train", "--no-test", "-d", "--debug", "--scale_lr", "--datadir_in_name",
+              "--gradient_checkpointing")
 _BOOL_WORDS = {"yes", "true", "t", "y", "1", "no", "false", "f", "n", "0"}
 
 

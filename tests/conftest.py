@@ -26,8 +26,15 @@ def fixture_path(*parts: str) -> Path:
 
 @pytest.fixture(autouse=True)
 def _torch_defaults():
+    """Two threads, and the global kernel switches back to their library defaults after every test
+    (main.py sets them from its flags)."""
+    from ldm.modules.attention import set_attention_backend
+    from ldm.modules.diffusionmodules.util import set_gradient_checkpointing
+
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     yield
+    set_attention_backend("math")
+    set_gradient_checkpointing(False)
 
 
 # ---------------------------------------------------------------------------------------------------
