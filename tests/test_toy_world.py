@@ -1,5 +1,5 @@
-"""The toy world (ldm/data/toy_world.py) and its attribute scorer (ldm/toy/scorer.py): determinism, captions
-that agree with the rendered attributes, the vocabulary, balanced concept folders, and the committed scorer."""
+"""The toy world (ldm/data/toy_world.py) and its attribute scorer (ldm/toy/scorer.py): determinism,
+captions that agree with the rendered attributes, the vocabulary, balanced concept folders, the scorer."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def _alternatives(words) -> str:
 #: The caption grammar, strict: optional prefix, article, optional colour, noun, optional phrases in order.
 CAPTION = re.compile(
     rf"^(?:{_alternatives(p for p in tw.PREFIXES if p)})?(?:a|an) "
-    rf"(?:(?P<color>{_alternatives(tw.COLORS)}) )?(?P<noun>{_alternatives((*tw.NAMED_SHAPES, *tw.COARSE_WORDS))})"
+    rf"(?:(?P<color>{_alternatives(tw.COLORS)}) )?"
+    rf"(?P<noun>{_alternatives((*tw.NAMED_SHAPES, *tw.COARSE_WORDS))})"
     rf"(?: (?P<position>{_alternatives(tw.POSITION_PHRASES.values())}))?"
     rf"(?: on a (?P<background>{_alternatives(tw.BACKGROUNDS)}) background)?$"
 )
@@ -72,7 +73,7 @@ def test_dataset_items_are_pure_functions_of_seed_split_and_index():
     assert x["caption"] == y["caption"] and x["labels"] == y["labels"]
     assert x["image"].tobytes() == y["image"].tobytes()
     assert x["image"].dtype == np.float32 and x["image"].shape == (32, 32, 3)
-    assert -1.0 <= x["image"].min() and x["image"].max() <= 1.0
+    assert x["image"].min() >= -1.0 and x["image"].max() <= 1.0
     others = [ToyWorld(length=50, seed=6)[17], ToyWorld(length=50, seed=5, split="validation")[17], first[18]]
     assert all(o["image"].tobytes() != x["image"].tobytes() for o in others)
     with pytest.raises(IndexError):
@@ -110,9 +111,9 @@ def test_rendered_pixels_show_the_labelled_attributes(items):
 
 
 def test_background_never_equals_the_object_colour(items, monkeypatch):
-    assert all(Attributes.from_labels(item["labels"]).background != Attributes.from_labels(item["labels"]).color
-               for item in items)
-    shapes = Counter(Attributes.from_labels(item["labels"]).shape for item in items)
+    objects = [Attributes.from_labels(item["labels"]) for item in items]
+    assert all(a.background != a.color for a in objects)
+    shapes = Counter(a.shape for a in objects)
     assert 0.03 <= shapes[UNNAMED_SHAPE] / len(items) <= 0.07  # UNNAMED_PROB = 0.05
     # The real lists are disjoint; give the backgrounds a shape colour to exercise the rule itself.
     monkeypatch.setitem(ATTRIBUTE_VALUES, "background", [*ATTRIBUTE_VALUES["background"], "red"])

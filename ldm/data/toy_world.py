@@ -119,7 +119,7 @@ class Attributes:
             raise ValueError(f"the background must differ from the shape's colour (both {self.color!r})")
 
     def as_dict(self) -> dict[str, str]:
-        return {"shape": self.shape, "color": self.color, "background": self.background, "position": self.position}
+        return {name: getattr(self, name) for name in ATTRIBUTE_VALUES}
 
     @property
     def labels(self) -> dict[str, int]:
@@ -243,7 +243,8 @@ def caption(attrs: Attributes, rng: np.random.Generator, p_drop: float = 0.25, p
     if keep_position:
         parts.append(POSITION_PHRASES[attrs.position])
     if keep_background:
-        parts.append(BACKGROUND_TEMPLATE.format(article=_article(attrs.background), background=attrs.background))
+        background = attrs.background
+        parts.append(BACKGROUND_TEMPLATE.format(article=_article(background), background=background))
     return " ".join(parts)
 
 
@@ -265,7 +266,8 @@ def write_vocab(folder: str | Path = VOCAB_FOLDER) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("".join(w + "\n" for w in vocabulary()), encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=1) + "\n", encoding="utf-8")
+    config = json.dumps(TOKENIZER_CONFIG, indent=1) + "\n"
+    (folder / "tokenizer_config.json").write_text(config, encoding="utf-8")
     return folder
 
 
@@ -396,7 +398,8 @@ def main(argv=None) -> int:
         folder = write_vocab(opt.write_vocab)
         logger.info("wrote %s (%d tokens)", folder, len(vocabulary()))
     if opt.write_concept is not None:
-        for path, _ in write_concept_images(opt.write_concept, opt.shape, opt.n, opt.seed, not opt.unbalanced):
+        balanced = not opt.unbalanced
+        for path, _ in write_concept_images(opt.write_concept, opt.shape, opt.n, opt.seed, balanced):
             logger.info("wrote %s", path)
     return 0
 

@@ -106,16 +106,18 @@ class ToyScorer(nn.Module):
         side = config.image_size // 2 ** len(config.widths)
         # Flattened, not globally pooled: the position head needs to know where the shape is.
         self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(width_in * side * side, config.hidden), nn.SiLU())
-        self.heads = nn.ModuleDict({name: nn.Linear(config.hidden, len(v)) for name, v in ATTRIBUTE_VALUES.items()})
+        self.heads = nn.ModuleDict(
+            {name: nn.Linear(config.hidden, len(values)) for name, values in ATTRIBUTE_VALUES.items()}
+        )
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.hidden(self.features(images))
         return {name: head(h) for name, head in self.heads.items()}
 
     def prepare(self, images) -> torch.Tensor:
-        """Any accepted input (see the module docstring) as float [B, 3, S, S] in [-1, 1] on the model's device."""
+        """Any accepted input (module docstring) as float [B, 3, S, S] in [-1, 1] on the model's device."""
         param = next(self.parameters())
-        x = torch.as_tensor(np.asarray(images)) if isinstance(images, np.ndarray) else images
+        x = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else images  # writable copy
         if x.dtype == torch.uint8:
             x = x.unsqueeze(0) if x.dim() == 3 else x
             x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -177,7 +179,8 @@ def load_scorer(path: str | Path, device: str | torch.device = "cpu") -> ToyScor
     """Load a scorer written by `save_scorer` (strictly), in eval mode."""
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a toy scorer file (format {meta.get('format')!r}, expected {FORMAT!r})")
+        found = meta.get("format")
+        raise ValueError(f"{path} is not a toy scorer file (format {found!r}, expected {FORMAT!r})")
     if json.loads(meta["attribute_values"]) != ATTRIBUTE_VALUES:
         raise ValueError(f"{path} was trained for other attribute lists {meta['attribute_values']}; "
                          f"the world now has {json.dumps(ATTRIBUTE_VALUES)}: retrain it")
@@ -193,7 +196,7 @@ def load_scorer(path: str | Path, device: str | torch.device = "cpu") -> ToyScor
 
 
 def render_ellipse(attrs: Attributes, size: int, rng: np.random.Generator) -> np.ndarray:
-    """An outlier: an elongated, randomly turned ellipse of the circle's area at `attrs`' place and colours."""
+    """An outlier: an elongated, turned ellipse of the circle's area at `attrs`' place and colours."""
     big = size * SUPERSAMPLING
     aspect = rng.uniform(*ELLIPSE_ASPECT)
     turn = rng.uniform(0.0, math.pi)
@@ -204,14 +207,15 @@ def render_ellipse(attrs: Attributes, size: int, rng: np.random.Generator) -> np
     for k in range(48):
         t = 2 * math.pi * k / 48
         x, y = a * math.cos(t), b * math.sin(t)
-        points.append((cx + x * math.cos(turn) - y * math.sin(turn), cy + x * math.sin(turn) + y * math.cos(turn)))
+        cos, sin = math.cos(turn), math.sin(turn)
+        points.append((cx + x * cos - y * sin, cy + x * sin + y * cos))
     image = Image.new("RGB", (big, big), BACKGROUNDS[attrs.background])
     ImageDraw.Draw(image).polygon(points, fill=COLORS[attrs.color])
     return np.asarray(image.resize((size, size), Image.Resampling.BOX))
 
 
 def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Blur each image [B, C, H, W] with its own sigma [B] (pixels; 0 leaves it unchanged), reflect padding."""
+    """Blur each image [B, C, H, W] with its own sigma [B] (pixels; 0 leaves it as is); reflect padding."""
     b, c, h, w = images.shape
     radius = max(1, math.ceil(3 * float(sigmas.max())))
     offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
@@ -233,7 +237,8 @@ def degrade(images: torch.Tensor, rng: np.random.Generator, blur=DEGRADED_BLUR, 
     sigmas = rng.uniform(*blur, size=b) * (rng.random(b) < p)
     stds = rng.uniform(*noise, size=b) * (rng.random(b) < p)
     eps = torch.from_numpy(rng.standard_normal(images.shape).astype(np.float32)).to(images)
-    x = gaussian_blur(images, torch.from_numpy(sigmas)) + torch.from_numpy(stds).to(images)[:, None, None, None] * eps
+    stds = torch.from_numpy(stds).to(images)[:, None, None, None]
+    x = gaussian_blur(images, torch.from_numpy(sigmas)) + stds * eps
     return x.clamp(-1.0, 1.0)
 
 
@@ -324,12 +329,13 @@ def accuracy(model: ToyScorer, images: torch.Tensor, labels: dict[str, torch.Ten
 def evaluate(model: ToyScorer, n: int = 2000, seed: int = 0, threshold: float = 0.6) -> dict:
     """Gate G0 figures: accuracy per attribute on clean and degraded renders, and the share of images whose
     shape is flagged uncertain at `threshold` on each set (outliers should be flagged, renders should not)."""
-    report = {"n": n, "threshold": threshold}
+    report = {"n": n, "clean": {}, "degraded": {}, "threshold": threshold, "shape_uncertain_rate": {}}
     for kind in ("clean", "degraded", "outlier"):
         images, labels = eval_set(n, seed, kind, model.config.image_size)
         if kind != "outlier":
             report[kind] = accuracy(model, images, labels)
         flagged = model.score(images, threshold)["shape"]["index"] == -1
-        report.setdefault("shape_uncertain_rate", {})[kind] = float(flagged.float().mean())
-    report["gate_G0"] = bool(min(report["clean"].values()) >= 0.98 and min(report["degraded"].values()) >= 0.9)
+        report["shape_uncertain_rate"][kind] = float(flagged.float().mean())
+    passed = min(report["clean"].values()) >= 0.98 and min(report["degraded"].values()) >= 0.9
+    report["gate_G0"] = bool(passed)
     return report
