@@ -61,8 +61,13 @@ class CaptionedPersonalizedBase(PersonalizedBase):
     Random draws: only the flip (one draw per item, as the base class); no template is drawn.
     """
 
-    def __init__(self, data_root, captions_file: str | os.PathLike | None = None, caption_placeholder: str = "*",
-                 **kwargs):
+    def __init__(
+        self,
+        data_root,
+        captions_file: str | os.PathLike | None = None,
+        caption_placeholder: str = "*",
+        **kwargs,
+    ):
         if captions_file is None:
             raise ValueError("CaptionedPersonalizedBase needs captions_file (image file name -> caption)")
         if kwargs.get("per_image_tokens"):
@@ -78,17 +83,24 @@ class CaptionedPersonalizedBase(PersonalizedBase):
             if caption is None:
                 missing.append(name)
             elif caption_placeholder not in caption:
-                raise ValueError(f"{captions_file}: the caption of {name} ({caption!r}) does not contain the "
-                                 f"placeholder {caption_placeholder!r}")
+                raise ValueError(
+                    f"{captions_file}: the caption of {name} ({caption!r}) does not contain the "
+                    f"placeholder {caption_placeholder!r}"
+                )
             self.captions.append(caption)
         if missing:
             raise ValueError(f"{captions_file}: no caption for {', '.join(missing)}")
         used = {os.path.basename(p) for p in self.image_paths} | {
-            os.path.splitext(os.path.basename(p))[0] for p in self.image_paths}
+            os.path.splitext(os.path.basename(p))[0] for p in self.image_paths
+        }
         unused = sorted(set(table) - used)
         if unused:
-            logger.warning("%s: captions for files not in %s are ignored: %s", captions_file, data_root,
-                           ", ".join(unused))
+            logger.warning(
+                "%s: captions for files not in %s are ignored: %s",
+                captions_file,
+                data_root,
+                ", ".join(unused),
+            )
 
     def caption(self, index: int) -> str:
         return self.captions[index].replace(self.caption_placeholder, self.placeholder_string)

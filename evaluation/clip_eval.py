@@ -50,7 +50,9 @@ OPENAI_CLIP_NAMES = {
 }
 DEFAULT_CLIP_MODEL = "ViT-B/32"
 PLACEHOLDER = "*"
-METRIC_NOTE = "raw cosine similarity of L2-normalised CLIP features (not CLIPScore, which is 2.5 * max(cos, 0))"
+METRIC_NOTE = (
+    "raw cosine similarity of L2-normalised CLIP features (not CLIPScore, which is 2.5 * max(cos, 0))"
+)
 
 
 def remove_placeholder(text: str, placeholder: str = PLACEHOLDER) -> str:
@@ -58,24 +60,43 @@ def remove_placeholder(text: str, placeholder: str = PLACEHOLDER) -> str:
     return text.replace(placeholder, "")
 
 
-def load_clip(name_or_path: str, tokenizer: str | None = None):
-    """(CLIPModel, CLIPTokenizer) from a hub id, an OpenAI name ("ViT-B/32") or a local folder."""
-    from transformers import CLIPModel, CLIPTokenizer
+_OFFLINE_HINT = (
+    "Pass a local folder holding config.json, the weights, vocab.json and merges.txt, or make the hub id "
+    "available offline (e.g. `hf download openai/clip-vit-base-patch32`)."
+)
+
+
+def load_clip_model(name_or_path: str):
+    """A `CLIPModel` from a hub id, an OpenAI name ("ViT-B/32") or a local folder."""
+    from transformers import CLIPModel
 
     source = OPENAI_CLIP_NAMES.get(name_or_path, name_or_path)
-    tok_source = OPENAI_CLIP_NAMES.get(tokenizer, tokenizer) if tokenizer else source
     try:
-        model = CLIPModel.from_pretrained(source)
-        tok = CLIPTokenizer.from_pretrained(tok_source)
+        return CLIPModel.from_pretrained(source)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load CLIP from '{source}': {e}. {_OFFLINE_HINT}") from e
+
+
+def load_clip_tokenizer(name_or_path: str):
+    """A `CLIPTokenizer` from a hub id, an OpenAI name or a local folder; an empty vocabulary is an error."""
+    from transformers import CLIPTokenizer
+
+    source = OPENAI_CLIP_NAMES.get(name_or_path, name_or_path)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source)
     except OSError as e:
         raise FileNotFoundError(
-            f"cannot load CLIP from '{source}' (tokenizer '{tok_source}'): {e}. Pass a local folder holding "
-            "config.json, the weights, vocab.json and merges.txt, or make the hub id available offline "
-            "(e.g. `huggingface-cli download openai/clip-vit-base-patch32`)."
+            f"cannot load the CLIP tokenizer from '{source}': {e}. {_OFFLINE_HINT}"
         ) from e
-    if len(tok.get_vocab()) <= len(set(tok.all_special_tokens)):
-        raise FileNotFoundError(f"the CLIP tokenizer from '{tok_source}' has no vocabulary (vocab.json missing?)")
-    return model, tok
+    # transformers 5 returns a tokenizer of special tokens only when the vocabulary files are missing.
+    if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_tokens)):
+        raise FileNotFoundError(f"the CLIP tokenizer from '{source}' has no vocabulary (vocab.json missing?)")
+    return tokenizer
+
+
+def load_clip(name_or_path: str, tokenizer: str | None = None):
+    """(CLIPModel, CLIPTokenizer); the tokenizer from `tokenizer` if given, else from the model's source."""
+    return load_clip_model(name_or_path), load_clip_tokenizer(tokenizer or name_or_path)
 
 
 def _features(output) -> torch.Tensor:
@@ -129,21 +150,29 @@ class CLIPEvaluator:
     Images are a float tensor [B, 3, H, W] in [-1, 1] (generator output), or a sequence of PIL images.
     """
 
-    def __init__(self, device="cpu", clip_model=DEFAULT_CLIP_MODEL, tokenizer=None, image_size: int | None = None,
-                 preprocess: str = "pil", dtype: torch.dtype = torch.float32, batch_size: int = 32):
+    def __init__(
+        self,
+        device="cpu",
+        clip_model=DEFAULT_CLIP_MODEL,
+        tokenizer=None,
+        image_size: int | None = None,
+        preprocess: str = "pil",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 32,
+    ):
         if preprocess not in PREPROCESS_MODES:
-            raise ValueError(f"preprocess={preprocess!r} is not supported; choose one of {list(PREPROCESS_MODES)}")
+            raise ValueError(
+                f"preprocess={preprocess!r} is not supported; choose one of {list(PREPROCESS_MODES)}"
+            )
         if isinstance(clip_model, (str, os.PathLike)):
             self.model_name = str(clip_model)
-            model, loaded_tokenizer = load_clip(str(clip_model), tokenizer if isinstance(tokenizer, str) else None)
-            tokenizer = loaded_tokenizer if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+            model = load_clip_model(str(clip_model))
+            tokenizer = str(clip_model) if tokenizer is None else tokenizer
         else:
             self.model_name = type(clip_model).__name__
             model = clip_model
-            if isinstance(tokenizer, (str, os.PathLike)):
-                from transformers import CLIPTokenizer
-
-                tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer))
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_clip_tokenizer(str(tokenizer))
         if tokenizer is None:
             raise ValueError("a tokenizer is needed when clip_model is a model object")
         self.device = torch.device(device)
@@ -151,7 +180,9 @@ class CLIPEvaluator:
         self.model = model.to(self.device, dtype).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         config = getattr(model, "config", None)
-        self.image_size = image_size or (config.vision_config.image_size if config is not None else CLIP_IMAGE_SIZE)
+        self.image_size = image_size or (
+            config.vision_config.image_size if config is not None else CLIP_IMAGE_SIZE
+        )
         self.context_length = config.text_config.max_position_embeddings if config is not None else 77
         self.preprocess_mode = preprocess
         self.batch_size = batch_size
@@ -159,10 +190,15 @@ class CLIPEvaluator:
     # -- features --------------------------------------------------------------------------------------
 
     def tokenize(self, strings: str | Sequence[str]) -> torch.Tensor:
-        """[n, context_length] ids: start, BPE tokens, end, padding; too long -> ValueError (as clip.tokenize)."""
+        """Token ids [n, context_length]: start, tokens, end, padding. Too long: ValueError."""
         strings = [strings] if isinstance(strings, str) else list(strings)
-        ids = self.tokenizer(strings, padding="max_length", max_length=self.context_length, truncation=False,
-                             return_tensors=None)["input_ids"]
+        ids = self.tokenizer(
+            strings,
+            padding="max_length",
+            max_length=self.context_length,
+            truncation=False,
+            return_tensors=None,
+        )["input_ids"]
         for text, row in zip(strings, ids, strict=True):
             if len(row) > self.context_length:
                 raise ValueError(f"Input {text!r} is too long for context length {self.context_length}")
@@ -217,8 +253,14 @@ class CLIPEvaluator:
         gen = self.get_image_features(generated_images)
         return (text_features @ gen.T).mean()
 
-    def similarities(self, generated_images, src_images, target_text: str, src_features: torch.Tensor | None = None,
-                     placeholder: str = PLACEHOLDER) -> Similarities:
+    def similarities(
+        self,
+        generated_images,
+        src_images,
+        target_text: str,
+        src_features: torch.Tensor | None = None,
+        placeholder: str = PLACEHOLDER,
+    ) -> Similarities:
         """Both metrics for one prompt, the placeholder removed from `target_text`, with per-image values.
 
         `src_features` (normalised) may be passed to avoid re-encoding the training images.
@@ -229,8 +271,13 @@ class CLIPEvaluator:
         text = remove_placeholder(target_text, placeholder)
         image_values = image_similarity_per_sample(src_features, gen)
         text_values = text_similarity_per_sample(self.get_text_features(text), gen)
-        return Similarities(image_values.mean().item(), text_values.mean().item(), text,
-                            image_values.tolist(), text_values.tolist())
+        return Similarities(
+            image_values.mean().item(),
+            text_values.mean().item(),
+            text,
+            image_values.tolist(),
+            text_values.tolist(),
+        )
 
 
 class ImageDirEvaluator(CLIPEvaluator):
@@ -269,9 +316,18 @@ class LDMCLIPEvaluator(CLIPEvaluator):
     """Sample a latent-diffusion model with DDIM + classifier-free guidance, then measure the metrics."""
 
     @torch.no_grad()
-    def generate(self, model, prompt: str, n_samples: int = 64, n_steps: int = 50, scale: float = 5.0,
-                 batch_size: int = 8, eta: float = 0.0, generator: torch.Generator | None = None,
-                 progress: bool = True) -> torch.Tensor:
+    def generate(
+        self,
+        model,
+        prompt: str,
+        n_samples: int = 64,
+        n_steps: int = 50,
+        scale: float = 5.0,
+        batch_size: int = 8,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        progress: bool = True,
+    ) -> torch.Tensor:
         """`n_samples` images [n, 3, H, W] in [-1, 1] (on the CPU) of `prompt`.
 
         As the reference: the unconditional conditioning (`batch_size` x "") is encoded once, each batch of
@@ -291,23 +347,51 @@ class LDMCLIPEvaluator(CLIPEvaluator):
             uc = model.get_learned_conditioning(batch_size * [""]) if scale != 1.0 else None
             for n in tqdm(batches, desc=f"Sampling '{prompt}'", disable=not progress, leave=False):
                 c = model.get_learned_conditioning(n * [prompt])
-                z, _ = sampler.sample(S=n_steps, conditioning=c, batch_size=n, shape=shape, verbose=False,
-                                      unconditional_guidance_scale=scale,
-                                      unconditional_conditioning=None if uc is None else uc[:n],
-                                      eta=eta, generator=generator)
+                z, _ = sampler.sample(
+                    S=n_steps,
+                    conditioning=c,
+                    batch_size=n,
+                    shape=shape,
+                    verbose=False,
+                    unconditional_guidance_scale=scale,
+                    unconditional_conditioning=None if uc is None else uc[:n],
+                    eta=eta,
+                    generator=generator,
+                )
                 samples.append(model.decode_first_stage(z).clamp(-1.0, 1.0).float().cpu())
         return torch.cat(samples)
 
-    def measure(self, model, src_images, target_text: str, n_samples: int = 64, n_steps: int = 50,
-                scale: float = 5.0, batch_size: int = 8, generator: torch.Generator | None = None,
-                progress: bool = True) -> tuple[Similarities, torch.Tensor]:
+    def measure(
+        self,
+        model,
+        src_images,
+        target_text: str,
+        n_samples: int = 64,
+        n_steps: int = 50,
+        scale: float = 5.0,
+        batch_size: int = 8,
+        generator: torch.Generator | None = None,
+        progress: bool = True,
+    ) -> tuple[Similarities, torch.Tensor]:
         """Generate and score; returns (similarities with per-sample values, the samples)."""
-        samples = self.generate(model, target_text, n_samples, n_steps, scale, batch_size, generator=generator,
-                                progress=progress)
+        samples = self.generate(
+            model, target_text, n_samples, n_steps, scale, batch_size, generator=generator, progress=progress
+        )
         return self.similarities(samples, src_images, target_text), samples
 
-    def evaluate(self, model, src_images, target_text: str, n_samples: int = 64, n_steps: int = 50,
-                 scale: float = 5.0, batch_size: int = 8, generator: torch.Generator | None = None):
+    def evaluate(
+        self,
+        model,
+        src_images,
+        target_text: str,
+        n_samples: int = 64,
+        n_steps: int = 50,
+        scale: float = 5.0,
+        batch_size: int = 8,
+        generator: torch.Generator | None = None,
+    ):
         """The reference's entry point: (image similarity, text similarity) as 0-d tensors (raw cosine)."""
-        sims, _ = self.measure(model, src_images, target_text, n_samples, n_steps, scale, batch_size, generator)
+        sims, _ = self.measure(
+            model, src_images, target_text, n_samples, n_steps, scale, batch_size, generator
+        )
         return torch.tensor(sims.image_similarity), torch.tensor(sims.text_similarity)

@@ -43,8 +43,10 @@ def _beta_continued_fraction(a: float, b: float, x: float, max_iter: int = 1000,
     d = 1.0 / (d if abs(d) > tiny else tiny)
     result = d
     for m in range(1, max_iter + 1):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
             d = 1.0 + numerator * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + numerator / c
@@ -62,7 +64,7 @@ def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
         raise ValueError(f"x must be in [0, 1], got {x}")
     if x in (0.0, 1.0):
         return x
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
     if x < (a + 1.0) / (a + b + 2.0):
         return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
     return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
@@ -127,10 +129,9 @@ def welch_t_test(a: Sequence[float], b: Sequence[float], equal_var: bool = False
     else:
         se2 = va / na + vb / nb
         df = se2**2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1)) if se2 > 0 else na + nb - 2.0
-    if se2 == 0.0:
-        t = 0.0 if ma == mb else math.copysign(math.inf, ma - mb)
-    else:
-        t = (ma - mb) / math.sqrt(se2)
+    if se2 > 0.0:
+        return TTest((ma - mb) / math.sqrt(se2), df, t_two_sided_p((ma - mb) / math.sqrt(se2), df))
+    t = 0.0 if ma == mb else math.copysign(math.inf, ma - mb)  # both groups constant
     return TTest(t, df, t_two_sided_p(t, df))
 
 
@@ -183,8 +184,12 @@ def kept_count(factor: float, n: int) -> int:
     return min(n, max(2, int(round(factor * n))))
 
 
-def coverage_test(sample_features: torch.Tensor, train_features: torch.Tensor,
-                  factors: Sequence[float] = CHERRY_PICK_FACTORS, alpha: float = ALPHA) -> list[CoverageRow]:
+def coverage_test(
+    sample_features: torch.Tensor,
+    train_features: torch.Tensor,
+    factors: Sequence[float] = CHERRY_PICK_FACTORS,
+    alpha: float = ALPHA,
+) -> list[CoverageRow]:
     """The appendix-B test on L2-normalised features [N, d] (samples) and [M, d] (training images)."""
     sample_dist = mean_distances(sample_features, train_features)
     train_dist = mean_distances(train_features, train_features, leave_one_out=True).tolist()
@@ -193,21 +198,42 @@ def coverage_test(sample_features: torch.Tensor, train_features: torch.Tensor,
     for factor in factors:
         kept = ordered[: kept_count(factor, len(ordered))]
         test = welch_t_test(kept, train_dist)
-        rows.append(CoverageRow(FACTOR_LABELS.get(factor, f"{factor:g}"), len(kept), math.fsum(kept) / len(kept),
-                                math.fsum(train_dist) / len(train_dist), test.t, test.df, test.p_value,
-                                test.p_value > alpha))
+        rows.append(
+            CoverageRow(
+                FACTOR_LABELS.get(factor, f"{factor:g}"),
+                len(kept),
+                math.fsum(kept) / len(kept),
+                math.fsum(train_dist) / len(train_dist),
+                test.t,
+                test.df,
+                test.p_value,
+                test.p_value > alpha,
+            )
+        )
     return rows
 
 
-def evaluate_coverage(evaluator, model, train_images, prompt: str = "A photo of *", n_samples: int = 256,
-                      n_steps: int = 50, scale: float = 5.0, batch_size: int = 8,
-                      generator: torch.Generator | None = None, factors: Sequence[float] = CHERRY_PICK_FACTORS,
-                      alpha: float = ALPHA, progress: bool = True) -> tuple[list[CoverageRow], torch.Tensor]:
+def evaluate_coverage(
+    evaluator,
+    model,
+    train_images,
+    prompt: str = "A photo of *",
+    n_samples: int = 256,
+    n_steps: int = 50,
+    scale: float = 5.0,
+    batch_size: int = 8,
+    generator: torch.Generator | None = None,
+    factors: Sequence[float] = CHERRY_PICK_FACTORS,
+    alpha: float = ALPHA,
+    progress: bool = True,
+) -> tuple[list[CoverageRow], torch.Tensor]:
     """Sample `prompt` with an `LDMCLIPEvaluator` and run `coverage_test`; returns (rows, samples)."""
-    samples = evaluator.generate(model, prompt, n_samples, n_steps, scale, batch_size, generator=generator,
-                                 progress=progress)
-    rows = coverage_test(evaluator.get_image_features(samples), evaluator.get_image_features(train_images),
-                         factors, alpha)
+    samples = evaluator.generate(
+        model, prompt, n_samples, n_steps, scale, batch_size, generator=generator, progress=progress
+    )
+    rows = coverage_test(
+        evaluator.get_image_features(samples), evaluator.get_image_features(train_images), factors, alpha
+    )
     return rows, samples
 
 

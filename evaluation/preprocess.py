@@ -93,7 +93,9 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(level.permute(1, 2, 0).numpy()) for level in levels]
 
 
-def preprocess_tensor(images: torch.Tensor, size: int = CLIP_IMAGE_SIZE, mode: PreprocessMode = "pil") -> torch.Tensor:
+def preprocess_tensor(
+    images: torch.Tensor, size: int = CLIP_IMAGE_SIZE, mode: PreprocessMode = "pil"
+) -> torch.Tensor:
     """CLIP input from generator output [B, 3, H, W] in [-1, 1]; see the module docstring for `mode`.
 
     Returns float32 [B, 3, size, size]: on the CPU for `mode="pil"`, on the input's device otherwise.

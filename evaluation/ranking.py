@@ -42,8 +42,14 @@ class Ranking:
         return self.order.index(index)
 
 
-def rank_candidates(evaluator, candidates, criterion: str = "text", prompt: str | None = None,
-                    reference_images=None, placeholder: str = "*") -> Ranking:
+def rank_candidates(
+    evaluator,
+    candidates,
+    criterion: str = "text",
+    prompt: str | None = None,
+    reference_images=None,
+    placeholder: str = "*",
+) -> Ranking:
     """Score `candidates` (tensor [K, 3, H, W] in [-1, 1] or PIL images) with a `CLIPEvaluator`."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r} is not supported; choose one of {list(CRITERIA)}")
@@ -62,8 +68,13 @@ def rank_candidates(evaluator, candidates, criterion: str = "text", prompt: str 
     return Ranking(criterion, scores.tolist(), order, text)
 
 
-def save_ranking(candidates: torch.Tensor, ranking: Ranking, out_dir: str | os.PathLike, keep: int = 1,
-                 info: Mapping[str, object] | None = None) -> list[Path]:
+def save_ranking(
+    candidates: torch.Tensor,
+    ranking: Ranking,
+    out_dir: str | os.PathLike,
+    keep: int = 1,
+    info: Mapping[str, object] | None = None,
+) -> list[Path]:
     """Write `candidates/<index>.png` for all, `best/rank<r>_<index>.png` for the `keep` best, and
     `ranking.json`; returns the paths of the best images."""
     from ldm.image_grid import save_image, to_uint8
@@ -76,8 +87,14 @@ def save_ranking(candidates: torch.Tensor, ranking: Ranking, out_dir: str | os.P
     best = []
     for index, image in enumerate(images01):
         rank = ranking.rank_of(index)
-        text = {**meta, "criterion": ranking.criterion, "score": f"{ranking.scores[index]:.6f}", "rank": rank,
-                "index": index, "metric": ranking.metric}
+        text = {
+            **meta,
+            "criterion": ranking.criterion,
+            "score": f"{ranking.scores[index]:.6f}",
+            "rank": rank,
+            "index": index,
+            "metric": ranking.metric,
+        }
         if ranking.text is not None:
             text["scored_text"] = ranking.text
         array = to_uint8(image)
@@ -86,7 +103,6 @@ def save_ranking(candidates: torch.Tensor, ranking: Ranking, out_dir: str | os.P
             path = out / "best" / f"rank{rank}_{index:05}.png"
             save_image(array, path, text=text)
             best.append((rank, path))
-    record = {**asdict(ranking), "info": dict(meta), "keep": keep,
-              "best": [str(p) for _, p in sorted(best)]}
+    record = {**asdict(ranking), "info": dict(meta), "keep": keep, "best": [str(p) for _, p in sorted(best)]}
     (out / "ranking.json").write_text(json.dumps(record, indent=1))
     return [p for _, p in sorted(best)]

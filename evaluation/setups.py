@@ -78,23 +78,50 @@ class Setup:
 _CAPTIONS_TARGET = "evaluation.caption_data.CaptionedPersonalizedBase"
 
 #: The paper's setups. The regularisation weight is our choice (the paper does not state it here).
-CATALOGUE: dict[str, Setup] = {s.name: s for s in [
-    Setup("single_word", "Single word"),
-    Setup("two_words", "2 words", overrides=[f"{_PM}.num_vectors_per_token=2"]),
-    Setup("three_words", "3 words", overrides=[f"{_PM}.num_vectors_per_token=3"]),
-    Setup("progressive", "Progressive (up to 3 words)",
-          overrides=[f"{_PM}.num_vectors_per_token=3", f"{_PM}.progressive_words=True"]),
-    Setup("regularized", "Reg. to coarse word", overrides=["model.params.embedding_reg_weight=0.01"]),
-    Setup("per_image_tokens", "Per-image tokens",
-          overrides=[f"{_PM}.per_image_tokens=True", "data.params.train.params.per_image_tokens=True"],
-          optional_overrides=["data.params.validation.params.per_image_tokens=True"]),
-    Setup("high_lr", "High LR (2e-2)", args=["--scale_lr", "False"], overrides=["model.base_learning_rate=0.02"]),
-    Setup("low_lr", "Low LR (1e-4)", args=["--scale_lr", "False"], overrides=["model.base_learning_rate=0.0001"]),
-    Setup("human_captions", "Human captions",
-          overrides=[f"data.params.train.target={_CAPTIONS_TARGET}", "data.params.train.params.captions_file={captions}"],
-          optional_overrides=[f"data.params.validation.target={_CAPTIONS_TARGET}",
-                              "data.params.validation.params.captions_file={captions}"]),
-]}
+CATALOGUE: dict[str, Setup] = {
+    s.name: s
+    for s in [
+        Setup("single_word", "Single word"),
+        Setup("two_words", "2 words", overrides=[f"{_PM}.num_vectors_per_token=2"]),
+        Setup("three_words", "3 words", overrides=[f"{_PM}.num_vectors_per_token=3"]),
+        Setup(
+            "progressive",
+            "Progressive (up to 3 words)",
+            overrides=[f"{_PM}.num_vectors_per_token=3", f"{_PM}.progressive_words=True"],
+        ),
+        Setup("regularized", "Reg. to coarse word", overrides=["model.params.embedding_reg_weight=0.01"]),
+        Setup(
+            "per_image_tokens",
+            "Per-image tokens",
+            overrides=[f"{_PM}.per_image_tokens=True", "data.params.train.params.per_image_tokens=True"],
+            optional_overrides=["data.params.validation.params.per_image_tokens=True"],
+        ),
+        Setup(
+            "high_lr",
+            "High LR (2e-2)",
+            args=["--scale_lr", "False"],
+            overrides=["model.base_learning_rate=0.02"],
+        ),
+        Setup(
+            "low_lr",
+            "Low LR (1e-4)",
+            args=["--scale_lr", "False"],
+            overrides=["model.base_learning_rate=0.0001"],
+        ),
+        Setup(
+            "human_captions",
+            "Human captions",
+            overrides=[
+                f"data.params.train.target={_CAPTIONS_TARGET}",
+                "data.params.train.params.captions_file={captions}",
+            ],
+            optional_overrides=[
+                f"data.params.validation.target={_CAPTIONS_TARGET}",
+                "data.params.validation.params.captions_file={captions}",
+            ],
+        ),
+    ]
+}
 REFERENCES = {"image_only": "Image only", "prompt_only": "Prompt only"}
 
 
@@ -164,7 +191,9 @@ def parse_setup(entry) -> Setup:
     """A catalogue name, or a dict; a dict naming a catalogue entry extends it (its lists are appended)."""
     if isinstance(entry, str):
         if entry not in CATALOGUE:
-            raise ValueError(f"unknown setup {entry!r}; the catalogue has {sorted(CATALOGUE)} (or give a dict)")
+            raise ValueError(
+                f"unknown setup {entry!r}; the catalogue has {sorted(CATALOGUE)} (or give a dict)"
+            )
         return Setup(**asdict(CATALOGUE[entry]))
     data = _only_known(dict(entry), Setup, "setup")
     if "name" not in data:
@@ -225,27 +254,60 @@ def setup_overrides(config_path: str, setup: Setup, concept: Concept) -> list[st
 
 def train_command(spec: RunnerSpec, setup: Setup, concept: Concept, logdir: Path) -> list[str]:
     """The main.py argument list that trains `setup` on `concept`."""
-    argv = ["--base", spec.config, "-t", "--actual_resume", spec.ckpt, "-n", f"{setup.name}_{concept.name}",
-            "--data_root", concept.data_root, "--logdir", str(logdir), "--init_word", concept.init_word,
-            "--seed", str(spec.seed), "--max_steps", str(spec.max_steps), "--no-test", "True"]
+    argv = [
+        "--base",
+        spec.config,
+        "-t",
+        "--actual_resume",
+        spec.ckpt,
+        "-n",
+        f"{setup.name}_{concept.name}",
+        "--data_root",
+        concept.data_root,
+        "--logdir",
+        str(logdir),
+        "--init_word",
+        concept.init_word,
+        "--seed",
+        str(spec.seed),
+        "--max_steps",
+        str(spec.max_steps),
+        "--no-test",
+        "True",
+    ]
     if spec.tokenizer_path:
         argv += ["--tokenizer_path", spec.tokenizer_path]
-    return argv + list(spec.train_args) + list(setup.args) + list(spec.train_overrides) + setup_overrides(
-        spec.config, setup, concept)
+    return (
+        argv
+        + list(spec.train_args)
+        + list(setup.args)
+        + list(spec.train_overrides)
+        + setup_overrides(spec.config, setup, concept)
+    )
 
 
 def train_embedding(spec: RunnerSpec, setup: Setup, concept: Concept) -> Path:
-    """Path of the setup's embedding for `concept`: given, already trained, or trained now with main.py."""
+    """Path of the setup's embedding for `concept`: given, already trained, or trained now with main.py.
+
+    A trained file is reused only if `<concept>.json` beside it records the same main.py arguments.
+    """
     if concept.name in setup.embeddings:
         return Path(setup.embeddings[concept.name])
     target = Path(spec.out_dir) / "embeddings" / setup.name / f"{concept.name}.pt"
+    manifest = target.with_suffix(".json")
+    logdir = Path(spec.out_dir) / "runs" / setup.name / concept.name
+    argv = train_command(spec, setup, concept, logdir)
     if target.is_file():
+        recorded = json.loads(manifest.read_text()).get("argv") if manifest.is_file() else None
+        if recorded != argv:
+            raise ValueError(
+                f"{target} was trained with other settings than {argv}; delete it or use another out_dir"
+            )
         logger.info("reusing %s", target)
         return target
     import main as train_main
 
-    logdir = Path(spec.out_dir) / "runs" / setup.name / concept.name
-    code = train_main.main(train_command(spec, setup, concept, logdir))
+    code = train_main.main(argv)
     if code:
         raise RuntimeError(f"training {setup.name} on {concept.name} failed (main.py exit code {code})")
     runs = sorted(logdir.glob("*/checkpoints/embeddings.pt"), key=lambda p: p.stat().st_mtime)
@@ -253,6 +315,7 @@ def train_embedding(spec: RunnerSpec, setup: Setup, concept: Concept) -> Path:
         raise RuntimeError(f"training {setup.name} on {concept.name} wrote no embeddings.pt under {logdir}")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(runs[-1], target)
+    manifest.write_text(json.dumps({"argv": argv, "run_dir": str(runs[-1].parent.parent)}, indent=1))
     return target
 
 
@@ -288,25 +351,47 @@ class Scorer:
             pool.image += list(image_values)
         if prompt in self.spec.editing_prompts:
             pool.text += list(text_values)
-        self.rows.append({"setup": name, "concept": concept.name, "prompt": prompt, "sampled_prompt": sampled,
-                          "scored_text": remove_placeholder(prompt), "role": role, "n": len(image_values),
-                          "image_similarity": float(np.mean(image_values)),
-                          "text_similarity": float(np.mean(text_values)), "seed": seed})
+        self.rows.append(
+            {
+                "setup": name,
+                "concept": concept.name,
+                "prompt": prompt,
+                "sampled_prompt": sampled,
+                "scored_text": remove_placeholder(prompt),
+                "role": role,
+                "n": len(image_values),
+                "image_similarity": float(np.mean(image_values)),
+                "text_similarity": float(np.mean(text_values)),
+                "seed": seed,
+            }
+        )
 
-    def score_samples(self, name: str, ci: int, concept: Concept, train_features: torch.Tensor, replace_with=None):
+    def score_samples(
+        self, name: str, ci: int, concept: Concept, train_features: torch.Tensor, replace_with=None
+    ):
         """Sample every prompt (with `*` replaced by `replace_with` if given) and score it."""
         for pi, prompt in enumerate(self.spec.all_prompts):
             sampled = prompt.replace("*", replace_with) if replace_with else prompt
             g = self.generator(ci, pi)
             seed = g.initial_seed()
-            samples = self.evaluator.generate(self.model, sampled, self.spec.n_samples, self.spec.ddim_steps,
-                                              self.spec.scale, self.spec.batch_size, generator=g,
-                                              progress=self.progress)
+            samples = self.evaluator.generate(
+                self.model,
+                sampled,
+                self.spec.n_samples,
+                self.spec.ddim_steps,
+                self.spec.scale,
+                self.spec.batch_size,
+                generator=g,
+                progress=self.progress,
+            )
             sims = self.evaluator.similarities(samples, None, prompt, src_features=train_features)
             self.add(name, concept, prompt, sampled, seed, sims.image_per_sample, sims.text_per_sample)
             if self.spec.save_grids:
-                save_grid(samples, Path(self.spec.out_dir) / "samples" / name / concept.name / f"{pi:02}.png",
-                          {"prompt": sampled, "seed": seed, "setup": name, "concept": concept.name})
+                save_grid(
+                    samples,
+                    Path(self.spec.out_dir) / "samples" / name / concept.name / f"{pi:02}.png",
+                    {"prompt": sampled, "seed": seed, "setup": name, "concept": concept.name},
+                )
 
     def score_image_only(self, concept: Concept, train_features: torch.Tensor):
         """The training images as the 'generated' set (reference point of the plot)."""
@@ -321,24 +406,36 @@ def save_grid(samples: torch.Tensor, path: Path, info: dict) -> None:
     from ldm.image_grid import make_grid, save_image, to_uint8
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(to_uint8(make_grid((samples + 1.0) / 2.0, nrow=8)), path, text={k: str(v) for k, v in info.items()})
+    save_image(
+        to_uint8(make_grid((samples + 1.0) / 2.0, nrow=8)), path, text={k: str(v) for k, v in info.items()}
+    )
 
 
-def evaluate_setups(spec: RunnerSpec, embeddings: dict[tuple[str, str], Path], progress: bool = True) -> Scorer:
+def evaluate_setups(
+    spec: RunnerSpec, embeddings: dict[tuple[str, str], Path], progress: bool = True
+) -> Scorer:
     """Sample and score every setup, concept and prompt, and the references."""
     from ldm.generation import load_model
 
     device = torch.device(spec.device or "cpu")
-    model = load_model(spec.eval_config or spec.config, spec.ckpt, list(spec.eval_overrides), spec.tokenizer_path,
-                       device)
-    evaluator = LDMCLIPEvaluator(device, spec.clip_model, tokenizer=spec.clip_tokenizer, preprocess=spec.preprocess)
+    model = load_model(
+        spec.eval_config or spec.config, spec.ckpt, list(spec.eval_overrides), spec.tokenizer_path, device
+    )
+    evaluator = LDMCLIPEvaluator(
+        device, spec.clip_model, tokenizer=spec.clip_tokenizer, preprocess=spec.preprocess
+    )
+    if spec.setups and getattr(model, "embedding_manager", None) is None:
+        raise ValueError(
+            f"{spec.eval_config or spec.config} has no personalization_config: it cannot load embeddings"
+        )
     scorer = Scorer(spec, model, evaluator, progress)
     jobs = [(ci, c, s) for ci, c in enumerate(spec.concepts) for s in [*spec.setups, *spec.references]]
     features = {}
     for ci, concept, setup in tqdm(jobs, desc="Evaluating", disable=not progress):
         if concept.name not in features:
-            features[concept.name] = evaluator.get_image_features(load_training_images(concept.data_root,
-                                                                                       spec.image_size))
+            features[concept.name] = evaluator.get_image_features(
+                load_training_images(concept.data_root, spec.image_size)
+            )
         train_features = features[concept.name]
         if setup == "image_only":
             scorer.score_image_only(concept, train_features)
@@ -354,8 +451,19 @@ def evaluate_setups(spec: RunnerSpec, embeddings: dict[tuple[str, str], Path], p
 # Table and plot
 # ---------------------------------------------------------------------------------------------------
 
-TABLE_COLUMNS = ["setup", "label", "kind", "image_similarity", "image_ci_low", "image_ci_high", "image_n",
-                 "text_similarity", "text_ci_low", "text_ci_high", "text_n"]
+TABLE_COLUMNS = [
+    "setup",
+    "label",
+    "kind",
+    "image_similarity",
+    "image_ci_low",
+    "image_ci_high",
+    "image_n",
+    "text_similarity",
+    "text_ci_low",
+    "text_ci_high",
+    "text_n",
+]
 
 
 def summarize(spec: RunnerSpec, pools: dict[str, Pool]) -> list[dict]:
@@ -367,8 +475,15 @@ def summarize(spec: RunnerSpec, pools: dict[str, Pool]) -> list[dict]:
         pool = pools.get(name, Pool())
         image = mean_confidence_interval(pool.image)
         text = mean_confidence_interval(pool.text)
-        table.append(dict(zip(TABLE_COLUMNS, [name, label, kind, *image, len(pool.image), *text, len(pool.text)],
-                              strict=True)))
+        table.append(
+            dict(
+                zip(
+                    TABLE_COLUMNS,
+                    [name, label, kind, *image, len(pool.image), *text, len(pool.text)],
+                    strict=True,
+                )
+            )
+        )
     return table
 
 
@@ -404,8 +519,18 @@ def _ticks(lo: float, hi: float, target: int = 5) -> tuple[list[float], int]:
     return ticks, max(0, -math.floor(math.log10(step)))
 
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+PALETTE = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
 
 
 def draw_tradeoff_plot(table: list[dict], path: str | Path, title: str) -> None:
@@ -434,11 +559,17 @@ def draw_tradeoff_plot(table: list[dict], path: str | Path, title: str) -> None:
         draw.text((left - 6, py(y)), f"{y:.{ydec}f}", fill="black", font=small, anchor="rm")
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     draw.text(((left + width - right) / 2, 12), title, fill="black", font=font, anchor="mt")
-    draw.text(((left + width - right) / 2, height - 20), "Text similarity (editability)", fill="black",
-              font=font, anchor="ms")
+    draw.text(
+        ((left + width - right) / 2, height - 20),
+        "Text similarity (editability)",
+        fill="black",
+        font=font,
+        anchor="ms",
+    )
     label = Image.new("RGB", (height - top - bottom, 24), "white")
-    ImageDraw.Draw(label).text((label.width / 2, 12), "Image similarity (reconstruction)", fill="black", font=font,
-                               anchor="mm")
+    ImageDraw.Draw(label).text(
+        (label.width / 2, 12), "Image similarity (reconstruction)", fill="black", font=font, anchor="mm"
+    )
     img.paste(label.rotate(90, expand=True), (8, top))
 
     for i, row in enumerate(table):
@@ -447,8 +578,10 @@ def draw_tradeoff_plot(table: list[dict], path: str | Path, title: str) -> None:
         if not (math.isfinite(x) and math.isfinite(y)):
             continue
         cx, cy = px(x), py(y)
-        for lo, hi, horizontal in ((row["text_ci_low"], row["text_ci_high"], True),
-                                   (row["image_ci_low"], row["image_ci_high"], False)):
+        for lo, hi, horizontal in (
+            (row["text_ci_low"], row["text_ci_high"], True),
+            (row["image_ci_low"], row["image_ci_high"], False),
+        ):
             if horizontal:
                 draw.line([(px(lo), cy), (px(hi), cy)], fill=color, width=2)
                 for end in (px(lo), px(hi)):
@@ -481,14 +614,23 @@ def write_results(spec: RunnerSpec, scorer: Scorer, clip_name: str) -> list[dict
     record = {
         "metric": METRIC_NOTE,
         "interval": "95% Student-t interval of the mean; unit = one image (image similarity: samples of the "
-                    "reconstruction prompt; text similarity: samples of the editing prompts)",
-        "clip_model": clip_name, "preprocess": spec.preprocess, "n_samples": spec.n_samples,
-        "ddim_steps": spec.ddim_steps, "scale": spec.scale, "eta": 0.0, "seed": spec.seed,
-        "reconstruction_prompt": spec.reconstruction_prompt, "editing_prompts": spec.editing_prompts,
-        "table": table, "per_prompt": scorer.rows, "spec": asdict(spec),
+        "reconstruction prompt; text similarity: samples of the editing prompts)",
+        "clip_model": clip_name,
+        "preprocess": spec.preprocess,
+        "n_samples": spec.n_samples,
+        "ddim_steps": spec.ddim_steps,
+        "scale": spec.scale,
+        "eta": 0.0,
+        "seed": spec.seed,
+        "reconstruction_prompt": spec.reconstruction_prompt,
+        "editing_prompts": spec.editing_prompts,
+        "table": table,
+        "per_prompt": scorer.rows,
+        "spec": asdict(spec),
     }
     (out / "results.json").write_text(json.dumps(record, indent=1))
-    title = f"Reconstruction vs editability (CLIP {clip_name}, raw cosine, 95% CI)"
+    shown = Path(clip_name).name if Path(clip_name).is_dir() else clip_name  # no local paths in the figure
+    title = f"Reconstruction vs editability (CLIP {shown}, raw cosine, 95% CI)"
     draw_tradeoff_plot(table, out / "tradeoff.png", title)
     return table
 
@@ -501,8 +643,10 @@ def run(spec: RunnerSpec, progress: bool = True, train: bool = True) -> list[dic
             if train:
                 embeddings[(setup.name, concept.name)] = train_embedding(spec, setup, concept)
             else:
-                path = Path(setup.embeddings.get(concept.name) or
-                            Path(spec.out_dir) / "embeddings" / setup.name / f"{concept.name}.pt")
+                path = Path(
+                    setup.embeddings.get(concept.name)
+                    or Path(spec.out_dir) / "embeddings" / setup.name / f"{concept.name}.pt"
+                )
                 if not path.is_file():
                     raise FileNotFoundError(f"no embedding for {setup.name}/{concept.name}: {path}")
                 embeddings[(setup.name, concept.name)] = path

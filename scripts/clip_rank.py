@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", choices=CRITERIA, default="text")
     p.add_argument("--data_dir", type=str, default=None, help="training images (criterion image)")
     p.add_argument("--ckpt_path", type=str, default="models/ldm/text2img-large/model.ckpt")
-    p.add_argument("--config", type=str, default="configs/latent-diffusion/txt2img-1p4B-eval_with_tokens.yaml")
+    p.add_argument(
+        "--config", type=str, default="configs/latent-diffusion/txt2img-1p4B-eval_with_tokens.yaml"
+    )
     p.add_argument("--embedding_path", type=str, nargs="+", default=None)
     p.add_argument("--clip_model", type=str, default="ViT-B/32")
     p.add_argument("--clip_tokenizer", type=str, default=None)
@@ -62,14 +64,24 @@ def rank(opt, overrides: list[str]) -> list[Path]:
     model = load_model(opt.config, opt.ckpt_path, overrides, opt.tokenizer_path, device)
     if opt.embedding_path:
         model.embedding_manager.load_files(opt.embedding_path)
-    evaluator = LDMCLIPEvaluator(device, opt.clip_model, tokenizer=opt.clip_tokenizer, preprocess=opt.preprocess)
+    evaluator = LDMCLIPEvaluator(
+        device, opt.clip_model, tokenizer=opt.clip_tokenizer, preprocess=opt.preprocess
+    )
     generator = torch.Generator(device=device).manual_seed(seed)
-    candidates = evaluator.generate(model, opt.prompt, opt.n_candidates, opt.ddim_steps, opt.scale, opt.batch_size,
-                                    generator=generator)
+    candidates = evaluator.generate(
+        model, opt.prompt, opt.n_candidates, opt.ddim_steps, opt.scale, opt.batch_size, generator=generator
+    )
     references = load_training_images(opt.data_dir, opt.image_size) if opt.criterion == "image" else None
     ranking = rank_candidates(evaluator, candidates, opt.criterion, opt.prompt, references)
-    info = {"prompt": opt.prompt, "seed": seed, "scale": opt.scale, "steps": opt.ddim_steps, "ckpt": opt.ckpt_path,
-            "clip_model": opt.clip_model, "embeddings": " ".join(opt.embedding_path or [])}
+    info = {
+        "prompt": opt.prompt,
+        "seed": seed,
+        "scale": opt.scale,
+        "steps": opt.ddim_steps,
+        "ckpt": opt.ckpt_path,
+        "clip_model": opt.clip_model,
+        "embeddings": " ".join(opt.embedding_path or []),
+    }
     best = save_ranking(candidates, ranking, opt.outdir, opt.keep, info)
     for path in best:
         index = int(path.stem.split("_")[-1])

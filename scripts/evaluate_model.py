@@ -42,17 +42,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt_path", type=str, default="models/ldm/text2img-large/model.ckpt")
     p.add_argument("--embedding_path", type=str, nargs="+", default=None, help="embedding file(s) to load")
     p.add_argument("--data_dir", type=str, required=True, help="folder with the training images")
-    p.add_argument("--config", type=str, default="configs/latent-diffusion/txt2img-1p4B-eval_with_tokens.yaml")
-    p.add_argument("--clip_model", type=str, default="ViT-B/32",
-                   help="OpenAI name, Hugging Face id (openai/clip-vit-base-patch32) or local folder")
-    p.add_argument("--clip_tokenizer", type=str, default=None, help="CLIP tokenizer folder (default: clip_model)")
+    p.add_argument(
+        "--config", type=str, default="configs/latent-diffusion/txt2img-1p4B-eval_with_tokens.yaml"
+    )
+    p.add_argument(
+        "--clip_model",
+        type=str,
+        default="ViT-B/32",
+        help="OpenAI name, Hugging Face id (openai/clip-vit-base-patch32) or local folder",
+    )
+    p.add_argument(
+        "--clip_tokenizer", type=str, default=None, help="CLIP tokenizer folder (default: clip_model)"
+    )
     p.add_argument("--n_samples", type=int, default=64)
     p.add_argument("--ddim_steps", type=int, default=50)
     p.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--batch_size", type=int, default=8, help="samples per DDIM batch")
     p.add_argument("--image_size", type=int, default=256, help="side the training images are resized to")
-    p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="pil",
-                   help="CLIP preprocessing of samples: pil (default) or tensor (the reference's path)")
+    p.add_argument(
+        "--preprocess",
+        choices=PREPROCESS_MODES,
+        default="pil",
+        help="CLIP preprocessing of samples: pil (default) or tensor (the reference's path)",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed (random and recorded if unset)")
     p.add_argument("--out_dir", type=str, default="outputs/clip_eval")
     p.add_argument("--save_samples", action="store_true", help="write the samples as a PNG grid")
@@ -90,23 +102,46 @@ def evaluate(opt, overrides: list[str]) -> dict:
         if model.embedding_manager is None:
             raise ValueError(f"{opt.config} has no personalization_config: it cannot use --embedding_path")
         model.embedding_manager.load_files(opt.embedding_path)
-    evaluator = LDMCLIPEvaluator(device, opt.clip_model, tokenizer=opt.clip_tokenizer, preprocess=opt.preprocess)
+    evaluator = LDMCLIPEvaluator(
+        device, opt.clip_model, tokenizer=opt.clip_tokenizer, preprocess=opt.preprocess
+    )
     images = load_training_images(opt.data_dir, opt.image_size)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        sims, samples = evaluator.measure(model, images, opt.prompt, opt.n_samples, opt.ddim_steps, opt.scale,
-                                          opt.batch_size, generator)
+        sims, samples = evaluator.measure(
+            model, images, opt.prompt, opt.n_samples, opt.ddim_steps, opt.scale, opt.batch_size, generator
+        )
     print(f"Image similarity: {sims.image_similarity}")
     print(f"Text similarity: {sims.text_similarity}")
-    image_ci, text_ci = mean_confidence_interval(sims.image_per_sample), mean_confidence_interval(sims.text_per_sample)
-    record = {"prompt": opt.prompt, "scored_text": sims.text, "image_similarity": sims.image_similarity,
-              "text_similarity": sims.text_similarity, "image_ci95_low": image_ci[1], "image_ci95_high": image_ci[2],
-              "text_ci95_low": text_ci[1], "text_ci95_high": text_ci[2], "metric": METRIC_NOTE,
-              "clip_model": opt.clip_model, "preprocess": opt.preprocess, "n_samples": opt.n_samples,
-              "ddim_steps": opt.ddim_steps, "scale": opt.scale, "eta": 0.0, "seed": seed, "ckpt": opt.ckpt_path,
-              "config": opt.config, "embeddings": json.dumps(opt.embedding_path or []), "data_dir": opt.data_dir,
-              "num_train_images": len(images), "image_per_sample": sims.image_per_sample,
-              "text_per_sample": sims.text_per_sample}
+    image_ci, text_ci = (
+        mean_confidence_interval(sims.image_per_sample),
+        mean_confidence_interval(sims.text_per_sample),
+    )
+    record = {
+        "prompt": opt.prompt,
+        "scored_text": sims.text,
+        "image_similarity": sims.image_similarity,
+        "text_similarity": sims.text_similarity,
+        "image_ci95_low": image_ci[1],
+        "image_ci95_high": image_ci[2],
+        "text_ci95_low": text_ci[1],
+        "text_ci95_high": text_ci[2],
+        "metric": METRIC_NOTE,
+        "clip_model": opt.clip_model,
+        "preprocess": opt.preprocess,
+        "n_samples": opt.n_samples,
+        "ddim_steps": opt.ddim_steps,
+        "scale": opt.scale,
+        "eta": 0.0,
+        "seed": seed,
+        "ckpt": opt.ckpt_path,
+        "config": opt.config,
+        "embeddings": json.dumps(opt.embedding_path or []),
+        "data_dir": opt.data_dir,
+        "num_train_images": len(images),
+        "image_per_sample": sims.image_per_sample,
+        "text_per_sample": sims.text_per_sample,
+    }
     out = Path(opt.out_dir)
     append_json(out / "clip_eval.json", record)
     append_csv(out / "clip_eval.csv", [record])
@@ -115,13 +150,29 @@ def evaluate(opt, overrides: list[str]) -> dict:
 
         save_grid(samples, out / f"samples_seed{seed}.png", {"prompt": opt.prompt, "seed": seed})
     if opt.coverage:
-        rows, _ = evaluate_coverage(evaluator, model, images, opt.coverage_prompt, opt.coverage_samples,
-                                    opt.ddim_steps, opt.scale, opt.batch_size, generator)
+        rows, _ = evaluate_coverage(
+            evaluator,
+            model,
+            images,
+            opt.coverage_prompt,
+            opt.coverage_samples,
+            opt.ddim_steps,
+            opt.scale,
+            opt.batch_size,
+            generator,
+        )
         for row in rows:
-            print(f"Coverage at factor {row.factor}: kept {row.kept}, p = {row.p_value:.4g}"
-                  f" ({'indistinguishable' if row.indistinguishable else 'different'} at p > 0.05)")
-        settings = {"prompt": opt.coverage_prompt, "n_samples": opt.coverage_samples, "seed": seed,
-                    "clip_model": opt.clip_model, "test": "two-sided Welch t-test, alpha 0.05"}
+            print(
+                f"Coverage at factor {row.factor}: kept {row.kept}, p = {row.p_value:.4g}"
+                f" ({'indistinguishable' if row.indistinguishable else 'different'} at p > 0.05)"
+            )
+        settings = {
+            "prompt": opt.coverage_prompt,
+            "n_samples": opt.coverage_samples,
+            "seed": seed,
+            "clip_model": opt.clip_model,
+            "test": "two-sided Welch t-test, alpha 0.05",
+        }
         append_json(out / "coverage.json", {**settings, "rows": coverage_table(rows)})
         append_csv(out / "coverage.csv", [{**settings, **row} for row in coverage_table(rows)])
     return record

@@ -22,8 +22,15 @@ from evaluation.setups import CATALOGUE, REFERENCES, load_spec, run  # noqa: E40
 from ldm.scripts_common import USER_ERRORS  # noqa: E402
 
 # Spec fields that can also be set on the command line (they win over the spec file).
-CLI_FIELDS = {"out_dir": str, "device": str, "n_samples": int, "ddim_steps": int, "max_steps": int, "seed": int,
-              "clip_model": str}
+CLI_FIELDS = {
+    "out_dir": str,
+    "device": str,
+    "n_samples": int,
+    "ddim_steps": int,
+    "max_steps": int,
+    "seed": int,
+    "clip_model": str,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,14 +60,19 @@ def main(argv=None) -> int:
             if getattr(opt, name) is not None:
                 setattr(spec, name, getattr(opt, name))
         spec.device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device_flags = {"--gpus", "--devices", "--accelerator"} & set(spec.train_args)
+        if spec.device.startswith("cuda") and not device_flags:  # train on the evaluation GPU
+            spec.train_args = [*spec.train_args, "--gpus", f"{torch.device(spec.device).index or 0},"]
         table = run(spec, train=not opt.eval_only)
     except USER_ERRORS as e:
         print(f"run_paper_setups.py: error: {e}", file=sys.stderr)
         return 1
     for row in table:
-        print(f"{row['label']:28} image {row['image_similarity']:.4f} [{row['image_ci_low']:.4f}, "
-              f"{row['image_ci_high']:.4f}]  text {row['text_similarity']:.4f} [{row['text_ci_low']:.4f}, "
-              f"{row['text_ci_high']:.4f}]")
+        print(
+            f"{row['label']:28} image {row['image_similarity']:.4f} [{row['image_ci_low']:.4f}, "
+            f"{row['image_ci_high']:.4f}]  text {row['text_similarity']:.4f} [{row['text_ci_low']:.4f}, "
+            f"{row['text_ci_high']:.4f}]"
+        )
     print(f"Results: {Path(spec.out_dir) / 'results.csv'}, plot: {Path(spec.out_dir) / 'tradeoff.png'}")
     return 0
 

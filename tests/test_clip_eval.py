@@ -41,6 +41,12 @@ from evaluation.ranking import rank_candidates, save_ranking
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(_torch_defaults):
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine a second thread spins."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def clip_tokenizer():
     from transformers import CLIPTokenizer
@@ -53,11 +59,19 @@ def tiny_clip_model(seed: int = 0):
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  initializer_factor=5.0)
-    config = CLIPConfig(text_config=dict(vocab_size=49408, max_position_embeddings=77, **common),
-                        vision_config=dict(image_size=32, patch_size=8, **common), projection_dim=16,
-                        initializer_factor=5.0)
+    common = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        initializer_factor=5.0,
+    )
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, max_position_embeddings=77, **common),
+        vision_config=dict(image_size=32, patch_size=8, **common),
+        projection_dim=16,
+        initializer_factor=5.0,
+    )
     return CLIPModel(config).eval()
 
 
@@ -135,11 +149,14 @@ def test_metrics_on_solid_colour_images_by_hand(clip_tokenizer):
     expected_image = np.mean([unit(s) @ unit(g) for s in src_colours for g in gen_colours])
     expected_text = np.mean([unit(g)[0] for g in gen_colours])  # text features = the first axis
     assert evaluator.img_to_img_similarity(src, gen).item() == pytest.approx(expected_image, abs=1e-5)
-    assert evaluator.txt_to_img_similarity("a photo of *", gen).item() == pytest.approx(expected_text, abs=1e-5)
+    assert evaluator.txt_to_img_similarity("a photo of *", gen).item() == pytest.approx(
+        expected_text, abs=1e-5
+    )
     sims = evaluator.similarities(gen, src, "a photo of *")
     assert sims.image_similarity == pytest.approx(expected_image, abs=1e-5)
-    assert sims.image_per_sample == pytest.approx([np.mean([unit(s) @ unit(g) for s in src_colours])
-                                                   for g in gen_colours], abs=1e-5)
+    assert sims.image_per_sample == pytest.approx(
+        [np.mean([unit(s) @ unit(g) for s in src_colours]) for g in gen_colours], abs=1e-5
+    )
     assert sims.text == "a photo of "
 
 
@@ -166,9 +183,11 @@ def test_tiny_clip_metrics_match_an_independent_pipeline(tiny_evaluator, clip_to
         text = text if isinstance(text, torch.Tensor) else text.pooler_output
         text = text / text.norm(dim=-1, keepdim=True)
     assert tiny_evaluator.img_to_img_similarity(src, gen).item() == pytest.approx(
-        (src_f @ gen_f.T).mean().item(), abs=1e-5)
+        (src_f @ gen_f.T).mean().item(), abs=1e-5
+    )
     assert tiny_evaluator.txt_to_img_similarity("a photo of a dog", gen).item() == pytest.approx(
-        (text @ gen_f.T).mean().item(), abs=1e-5)
+        (text @ gen_f.T).mean().item(), abs=1e-5
+    )
 
 
 def test_text_similarity_drops_only_the_placeholder(tiny_evaluator, tmp_path):
@@ -182,14 +201,17 @@ def test_text_similarity_drops_only_the_placeholder(tiny_evaluator, tmp_path):
     assert sim_txt.item() == pytest.approx(without.item(), abs=1e-6)
     assert abs(sim_txt.item() - with_star.item()) > 1e-4
     # The tokenizer collapses the double space, as CLIP's whitespace cleaning does.
-    assert sim_txt.item() == pytest.approx(tiny_evaluator.txt_to_img_similarity("a photo of on the moon", gen).item(),
-                                           abs=1e-6)
+    assert sim_txt.item() == pytest.approx(
+        tiny_evaluator.txt_to_img_similarity("a photo of on the moon", gen).item(), abs=1e-6
+    )
     # Folders of saved PNG files give the same numbers as the tensors they came from.
     for folder, images in (("gen", gen_images), ("src", src)):
         (tmp_path / folder).mkdir()
         for i, im in enumerate(images):
             im.save(tmp_path / folder / f"{i}.png")
-    from_dirs = tiny_evaluator.evaluate(str(tmp_path / "gen"), str(tmp_path / "src"), "a photo of * on the moon")
+    from_dirs = tiny_evaluator.evaluate(
+        str(tmp_path / "gen"), str(tmp_path / "src"), "a photo of * on the moon"
+    )
     assert from_dirs[0].item() == pytest.approx(sim_img.item(), abs=1e-6)
     assert from_dirs[1].item() == pytest.approx(sim_txt.item(), abs=1e-6)
 
@@ -205,8 +227,12 @@ def test_clip_loads_from_a_local_folder_and_fails_clearly_offline(tiny_evaluator
     clip_tokenizer.save_pretrained(tmp_path / "clip")
     local = CLIPEvaluator("cpu", str(tmp_path / "clip"))
     images = uint8_tensor([random_image(5, 32, 32)])
-    assert torch.allclose(local.get_image_features(images), tiny_evaluator.get_image_features(images), atol=1e-6)
-    assert torch.allclose(local.get_text_features("a dog"), tiny_evaluator.get_text_features("a dog"), atol=1e-6)
+    assert torch.allclose(
+        local.get_image_features(images), tiny_evaluator.get_image_features(images), atol=1e-6
+    )
+    assert torch.allclose(
+        local.get_text_features("a dog"), tiny_evaluator.get_text_features("a dog"), atol=1e-6
+    )
     with pytest.raises(FileNotFoundError, match="cannot load CLIP"):
         load_clip(str(tmp_path / "missing"))
 
@@ -241,11 +267,15 @@ def test_center_crop_offsets_round_like_torchvision():
     # 224 x 227 needs no resize; the excess of 3 rows gives top = round(1.5) = 2 (torchvision), not 1.
     image = random_image(4, 224, 227)
     rows = np.asarray(image, dtype=np.float64)[2:226] / 255.0
-    expected = torch.from_numpy(((rows - np.array(CLIP_MEAN)) / np.array(CLIP_STD)).transpose(2, 0, 1)).float()
+    expected = torch.from_numpy(
+        ((rows - np.array(CLIP_MEAN)) / np.array(CLIP_STD)).transpose(2, 0, 1)
+    ).float()
     ours = preprocess_pil([image])[0]
     assert (ours - expected).abs().max().item() <= 1e-5
     shifted = np.asarray(image, dtype=np.float64)[1:225] / 255.0
-    shifted = torch.from_numpy(((shifted - np.array(CLIP_MEAN)) / np.array(CLIP_STD)).transpose(2, 0, 1)).float()
+    shifted = torch.from_numpy(
+        ((shifted - np.array(CLIP_MEAN)) / np.array(CLIP_STD)).transpose(2, 0, 1)
+    ).float()
     assert (ours - shifted).abs().max().item() > 1e-2
 
 
@@ -266,13 +296,18 @@ def test_reference_tensor_path_is_bicubic_without_antialias():
     v = (columns + 1) / 2
     mean, std = torch.tensor(CLIP_MEAN)[:, None], torch.tensor(CLIP_STD)[:, None]
     j = torch.arange(1, 31)
-    expected = (-0.09375 * v[:, 2 * j - 1] + 0.59375 * v[:, 2 * j] + 0.59375 * v[:, 2 * j + 1]
-                - 0.09375 * v[:, 2 * j + 2])
+    expected = (
+        -0.09375 * v[:, 2 * j - 1]
+        + 0.59375 * v[:, 2 * j]
+        + 0.59375 * v[:, 2 * j + 1]
+        - 0.09375 * v[:, 2 * j + 2]
+    )
     assert (out[:, 5, 1:31] - (expected - mean) / std).abs().max().item() <= 1e-5
     # At the model's size there is no resize: only (x + 1) / 2 and the CLIP normalisation.
     small = x[..., :32, :32]
-    expected_small = (((small + 1) / 2) - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(
-        1, 3, 1, 1)
+    expected_small = (((small + 1) / 2) - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        CLIP_STD
+    ).view(1, 3, 1, 1)
     assert (preprocess_tensor(small, 32, mode="tensor") - expected_small).abs().max().item() <= 1e-6
 
 

@@ -7,6 +7,7 @@ CLIPModel saved to a local folder; training runs 5 steps per setup on 4 rendered
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import math
@@ -29,6 +30,7 @@ from evaluation.setups import (
     run,
     setup_overrides,
     train_command,
+    train_embedding,
 )
 
 CONFIG = REPO / "configs" / "toy" / "tiny-demo.yaml"
@@ -39,7 +41,9 @@ PROMPTS = ["a photo of *", "a red *"]
 def render_rings(folder: Path, n: int = 4, size: int = 32) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        img = Image.new("RGB", (size, size), [(230, 230, 230), (40, 90, 200), (30, 160, 60), (120, 120, 120)][i % 4])
+        img = Image.new(
+            "RGB", (size, size), [(230, 230, 230), (40, 90, 200), (30, 160, 60), (120, 120, 120)][i % 4]
+        )
         c, r = size // 2 + i - 2, size // 4
         ImageDraw.Draw(img).ellipse((c - r, c - r, c + r, c + r), outline=(250, 140, 20), width=3)
         img.save(folder / f"ring_{i}.png")
@@ -71,13 +75,36 @@ def write_tiny_clip(folder: Path) -> None:
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
     torch.manual_seed(0)
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  initializer_factor=5.0)
-    config = CLIPConfig(text_config=dict(vocab_size=49408, max_position_embeddings=77, **common),
-                        vision_config=dict(image_size=32, patch_size=8, **common), projection_dim=16,
-                        initializer_factor=5.0)
+    common = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        initializer_factor=5.0,
+    )
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, max_position_embeddings=77, **common),
+        vision_config=dict(image_size=32, patch_size=8, **common),
+        projection_dim=16,
+        initializer_factor=5.0,
+    )
     CLIPModel(config).save_pretrained(folder)
     CLIPTokenizer.from_pretrained(str(fixture_path("tokenizers", "clip"))).save_pretrained(folder)
+
+
+# Tiny models gain nothing from a second thread, and on a busy 2-core machine a second thread spins
+# (runs here were up to 10x slower with two). One thread for the module fixtures and for every test.
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_module():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(_torch_defaults):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +118,26 @@ def workspace(tmp_path_factory):
 
 def spec_dict(root: Path, **changes) -> dict:
     spec = {
-        "config": str(CONFIG), "ckpt": str(root / "base.ckpt"), "tokenizer_path": str(TOKENIZER),
-        "clip_model": str(root / "clip"), "out_dir": str(root / "out"), "device": "cpu",
+        "config": str(CONFIG),
+        "ckpt": str(root / "base.ckpt"),
+        "tokenizer_path": str(TOKENIZER),
+        "clip_model": str(root / "clip"),
+        "out_dir": str(root / "out"),
+        "device": "cpu",
         "concepts": [{"name": "rings", "data_root": str(root / "rings"), "init_word": "ring"}],
-        "prompts": PROMPTS, "setups": ["single_word", "two_words"], "references": ["image_only", "prompt_only"],
-        "max_steps": 5, "n_samples": 2, "ddim_steps": 2, "batch_size": 2, "image_size": 32, "seed": 7,
-        "train_overrides": ["lightning.trainer.enable_progress_bar=False",
-                            "lightning.trainer.enable_model_summary=False"],
+        "prompts": PROMPTS,
+        "setups": ["single_word", "two_words"],
+        "references": ["image_only", "prompt_only"],
+        "max_steps": 5,
+        "n_samples": 2,
+        "ddim_steps": 2,
+        "batch_size": 2,
+        "image_size": 32,
+        "seed": 7,
+        "train_overrides": [
+            "lightning.trainer.enable_progress_bar=False",
+            "lightning.trainer.enable_model_summary=False",
+        ],
     }
     spec.update(changes)
     return spec
@@ -134,17 +174,23 @@ def test_every_catalogue_setup_applies_to_the_config(tmp_path):
     expected = {
         "two_words": {"model.params.personalization_config.params.num_vectors_per_token": 2},
         "three_words": {"model.params.personalization_config.params.num_vectors_per_token": 3},
-        "progressive": {"model.params.personalization_config.params.num_vectors_per_token": 3,
-                        "model.params.personalization_config.params.progressive_words": True},
+        "progressive": {
+            "model.params.personalization_config.params.num_vectors_per_token": 3,
+            "model.params.personalization_config.params.progressive_words": True,
+        },
         "regularized": {"model.params.embedding_reg_weight": 0.01},
-        "per_image_tokens": {"model.params.personalization_config.params.per_image_tokens": True,
-                             "data.params.train.params.per_image_tokens": True,
-                             "data.params.validation.params.per_image_tokens": True},
+        "per_image_tokens": {
+            "model.params.personalization_config.params.per_image_tokens": True,
+            "data.params.train.params.per_image_tokens": True,
+            "data.params.validation.params.per_image_tokens": True,
+        },
         "high_lr": {"model.base_learning_rate": 0.02},
         "low_lr": {"model.base_learning_rate": 0.0001},
-        "human_captions": {"data.params.train.target": "evaluation.caption_data.CaptionedPersonalizedBase",
-                           "data.params.train.params.captions_file": str(tmp_path / "captions.json"),
-                           "data.params.validation.params.captions_file": str(tmp_path / "captions.json")},
+        "human_captions": {
+            "data.params.train.target": "evaluation.caption_data.CaptionedPersonalizedBase",
+            "data.params.train.params.captions_file": str(tmp_path / "captions.json"),
+            "data.params.validation.params.captions_file": str(tmp_path / "captions.json"),
+        },
     }
     assert set(CATALOGUE) == {"single_word", *expected}
     for name, values in expected.items():
@@ -166,8 +212,18 @@ def test_spec_validation(tmp_path):
         load_spec(spec_dict(tmp_path, setups=["one_word"]))
     with pytest.raises(ValueError, match="needs a captions file"):
         load_spec(spec_dict(tmp_path, setups=["human_captions"]))
-    custom = load_spec(spec_dict(tmp_path, setups=[{"name": "regularized", "label": "Reg 0.1",
-                                                    "overrides": ["model.params.embedding_reg_weight=0.1"]}]))
+    custom = load_spec(
+        spec_dict(
+            tmp_path,
+            setups=[
+                {
+                    "name": "regularized",
+                    "label": "Reg 0.1",
+                    "overrides": ["model.params.embedding_reg_weight=0.1"],
+                }
+            ],
+        )
+    )
     assert custom.setups[0].label == "Reg 0.1"
     assert custom.setups[0].overrides[-1] == "model.params.embedding_reg_weight=0.1"  # later wins
     assert custom.all_prompts == PROMPTS and custom.editing_prompts == ["a red *"]
@@ -177,11 +233,15 @@ def test_human_captions_dataset(tmp_path):
     render_rings(tmp_path / "imgs", n=2)
     captions = {"ring_0.png": "A photo of * on a grey bed", "ring_1": "a * next to a mug"}
     (tmp_path / "c.json").write_text(json.dumps(captions))
-    data = CaptionedPersonalizedBase(tmp_path / "imgs", captions_file=tmp_path / "c.json", size=16, repeats=3,
-                                     coarse_class_text="toy")
+    data = CaptionedPersonalizedBase(
+        tmp_path / "imgs", captions_file=tmp_path / "c.json", size=16, repeats=3, coarse_class_text="toy"
+    )
     assert len(data) == 6
-    assert [data[i]["caption"] for i in range(3)] == ["A photo of toy * on a grey bed", "a toy * next to a mug",
-                                                      "A photo of toy * on a grey bed"]
+    assert [data[i]["caption"] for i in range(3)] == [
+        "A photo of toy * on a grey bed",
+        "a toy * next to a mug",
+        "A photo of toy * on a grey bed",
+    ]
     assert data[0]["image"].shape == (16, 16, 3)
     (tmp_path / "c.tsv").write_text("ring_0.png\tA * on a bed\nring_1.png\tA * by a mug\n")
     tsv = CaptionedPersonalizedBase(tmp_path / "imgs", captions_file=tmp_path / "c.tsv", size=16)
@@ -228,10 +288,24 @@ def test_runner_writes_the_table(runner_output):
 
     record = json.loads((out / "results.json").read_text())
     assert "raw cosine" in record["metric"] and record["seed"] == 7 and record["table"] == table
-    embeddings = {name: torch.load(out / "embeddings" / name / "rings.pt", weights_only=False)
-                  for name in ("single_word", "two_words")}
+    embeddings = {
+        name: torch.load(out / "embeddings" / name / "rings.pt", weights_only=False)
+        for name in ("single_word", "two_words")
+    }
     assert embeddings["single_word"]["string_to_param"]["*"].shape[0] == 1
     assert embeddings["two_words"]["string_to_param"]["*"].shape[0] == 2
+
+
+def test_trained_embeddings_are_reused_only_with_the_same_settings(runner_output):
+    spec, _ = runner_output
+    setup, concept = spec.setups[0], spec.concepts[0]
+    runs = Path(spec.out_dir) / "runs" / setup.name / concept.name
+    assert (
+        train_embedding(spec, setup, concept) == Path(spec.out_dir) / "embeddings" / setup.name / "rings.pt"
+    )
+    assert len(list(runs.iterdir())) == 1  # not trained again
+    with pytest.raises(ValueError, match="other settings"):
+        train_embedding(dataclasses.replace(spec, max_steps=6), setup, concept)
 
 
 def test_runner_image_only_reference_is_the_training_set_against_itself(runner_output, workspace):
@@ -241,8 +315,12 @@ def test_runner_image_only_reference_is_the_training_set_against_itself(runner_o
     evaluator = CLIPEvaluator("cpu", str(workspace / "clip"))
     train = load_training_images(workspace / "rings", 32)
     row = next(r for r in table if r["setup"] == "image_only")
-    assert row["image_similarity"] == pytest.approx(evaluator.img_to_img_similarity(train, train).item(), abs=1e-5)
-    assert row["text_similarity"] == pytest.approx(evaluator.txt_to_img_similarity("a red ", train).item(), abs=1e-5)
+    assert row["image_similarity"] == pytest.approx(
+        evaluator.img_to_img_similarity(train, train).item(), abs=1e-5
+    )
+    assert row["text_similarity"] == pytest.approx(
+        evaluator.txt_to_img_similarity("a red ", train).item(), abs=1e-5
+    )
 
 
 def test_runner_draws_the_tradeoff_plot(runner_output):
@@ -263,29 +341,59 @@ def test_runner_draws_the_tradeoff_plot(runner_output):
 
 def common_args(workspace, runner_output) -> list[str]:
     spec, _ = runner_output
-    return ["--ckpt_path", str(workspace / "base.ckpt"), "--config", str(CONFIG),
-            "--embedding_path", str(Path(spec.out_dir) / "embeddings" / "single_word" / "rings.pt"),
-            "--clip_model", str(workspace / "clip"), "--ddim_steps", "2", "--batch_size", "2", "--device", "cpu",
-            "--tokenizer_path", str(TOKENIZER), "--image_size", "32"]
+    return [
+        "--ckpt_path",
+        str(workspace / "base.ckpt"),
+        "--config",
+        str(CONFIG),
+        "--embedding_path",
+        str(Path(spec.out_dir) / "embeddings" / "single_word" / "rings.pt"),
+        "--clip_model",
+        str(workspace / "clip"),
+        "--ddim_steps",
+        "2",
+        "--batch_size",
+        "2",
+        "--device",
+        "cpu",
+        "--tokenizer_path",
+        str(TOKENIZER),
+        "--image_size",
+        "32",
+    ]
 
 
 def test_evaluate_model_prints_and_writes_results(workspace, runner_output, tmp_path, capsys):
     script = load_script("evaluate_model")
-    args = ["--prompt", "a photo of *", "--data_dir", str(workspace / "rings"), "--n_samples", "3", "--seed", "11",
-            "--out_dir", str(tmp_path), *common_args(workspace, runner_output)]
+    args = [
+        "--prompt",
+        "a photo of *",
+        "--data_dir",
+        str(workspace / "rings"),
+        "--n_samples",
+        "3",
+        "--seed",
+        "11",
+        "--out_dir",
+        str(tmp_path),
+        *common_args(workspace, runner_output),
+    ]
     assert script.main([*args, "--coverage", "--coverage_samples", "4"]) == 0
-    assert script.main(args) == 0
     lines = capsys.readouterr().out.splitlines()
-    printed = [float(line.split(": ")[1]) for line in lines if line.startswith(("Image similarity", "Text similarity"))]
-    records = json.loads((tmp_path / "clip_eval.json").read_text())
-    assert len(records) == 2 and len(printed) == 4
-    first, second = records
-    assert printed[:2] == [first["image_similarity"], first["text_similarity"]]
-    assert (second["image_similarity"], second["text_similarity"]) == (first["image_similarity"],
-                                                                         first["text_similarity"])  # same seed
-    assert first["seed"] == 11 and first["scored_text"] == "a photo of " and len(first["image_per_sample"]) == 3
-    assert first["image_similarity"] == pytest.approx(sum(first["image_per_sample"]) / 3, abs=1e-6)
-    assert len(read_csv(tmp_path / "clip_eval.csv")) == 2
+    printed = [
+        float(line.split(": ")[1]) for line in lines if line.startswith(("Image similarity", "Text sim"))
+    ]
+    (record,) = json.loads((tmp_path / "clip_eval.json").read_text())
+    assert printed == [record["image_similarity"], record["text_similarity"]]  # B25: results are printed
+    assert (
+        record["seed"] == 11
+        and record["scored_text"] == "a photo of "
+        and len(record["image_per_sample"]) == 3
+    )
+    assert record["image_similarity"] == pytest.approx(sum(record["image_per_sample"]) / 3, abs=1e-6)
+    assert "raw cosine" in record["metric"]
+    (row,) = read_csv(tmp_path / "clip_eval.csv")
+    assert float(row["text_similarity"]) == pytest.approx(record["text_similarity"], abs=1e-9)
     coverage = read_csv(tmp_path / "coverage.csv")
     assert [r["factor"] for r in coverage] == ["1", "1/2", "1/4", "1/6", "1/8"]
     assert all(0.0 <= float(r["p_value"]) <= 1.0 for r in coverage)
@@ -294,8 +402,23 @@ def test_evaluate_model_prints_and_writes_results(workspace, runner_output, tmp_
 
 def test_clip_rank_saves_candidates_and_best(workspace, runner_output, tmp_path):
     script = load_script("clip_rank")
-    args = ["--prompt", "a red *", "--n_candidates", "3", "--keep", "2", "--criterion", "image", "--data_dir",
-            str(workspace / "rings"), "--seed", "3", "--outdir", str(tmp_path), *common_args(workspace, runner_output)]
+    args = [
+        "--prompt",
+        "a red *",
+        "--n_candidates",
+        "3",
+        "--keep",
+        "2",
+        "--criterion",
+        "image",
+        "--data_dir",
+        str(workspace / "rings"),
+        "--seed",
+        "3",
+        "--outdir",
+        str(tmp_path),
+        *common_args(workspace, runner_output),
+    ]
     assert script.main(args) == 0
     record = json.loads((tmp_path / "ranking.json").read_text())
     scores, order = record["scores"], record["order"]
@@ -317,14 +440,29 @@ def test_ldm_evaluator_partial_batches_and_seeding(workspace):
     src = load_training_images(workspace / "rings", 32)
 
     def measure(seed):
-        return evaluator.measure(model, src, "a photo of *", n_samples=3, n_steps=2, batch_size=2,
-                                 generator=torch.Generator().manual_seed(seed), progress=False)
+        return evaluator.measure(
+            model,
+            src,
+            "a photo of *",
+            n_samples=3,
+            n_steps=2,
+            batch_size=2,
+            generator=torch.Generator().manual_seed(seed),
+            progress=False,
+        )
 
-    (sims, samples), (again, _), (other, _) = measure(1), measure(1), measure(2)
+    (sims, samples), (other, _) = measure(1), measure(2)
     assert samples.shape == (3, 3, 32, 32) and samples.min() >= -1 and samples.max() <= 1
     assert len(sims.image_per_sample) == len(sims.text_per_sample) == 3
-    assert (again.image_similarity, again.text_similarity) == (sims.image_similarity, sims.text_similarity)
     assert other.image_per_sample != sims.image_per_sample
-    img, txt = evaluator.evaluate(model, src, "a photo of *", n_samples=3, n_steps=2, batch_size=2,
-                                  generator=torch.Generator().manual_seed(1))
+    # The reference's entry point, same seed: the same numbers.
+    img, txt = evaluator.evaluate(
+        model,
+        src,
+        "a photo of *",
+        n_samples=3,
+        n_steps=2,
+        batch_size=2,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert (img.item(), txt.item()) == pytest.approx((sims.image_similarity, sims.text_similarity), abs=1e-6)

@@ -187,6 +187,7 @@ class PersonalizedBase(Dataset):
         coarse_class_text: if given, the placeholder is written as "<coarse_class_text> <placeholder>".
         exif_transpose: apply the EXIF orientation (B10); False reproduces the reference exactly.
         alpha: "drop" (reference) or "white" (composite transparent images onto white).
+        templates: caption templates replacing `imagenet_templates_small` (each with one "{}").
         rng: None draws from the global `numpy.random`, `random` and `torch` generators as the reference
             does. A `random.Random` makes every draw (mixing, template, flip) come from it instead; inside
             DataLoader workers each worker re-seeds its copy from that generator and the worker's seed,
@@ -214,7 +215,12 @@ class PersonalizedBase(Dataset):
         exif_transpose: bool = True,
         alpha: str = "drop",
         rng: random.Random | None = None,
+        templates: list[str] | None = None,
     ):
+        if templates is not None:  # e.g. a small vocabulary's own caption templates (the toy world)
+            if not templates or any("{}" not in t for t in templates):
+                raise ValueError("templates must be a non-empty list of strings with a '{}' placeholder slot")
+            self.templates = list(templates)
         if set not in SPLITS:
             raise ValueError(f"set={set!r} is not supported; choose one of {list(SPLITS)}")
         if size is not None and (not isinstance(size, int) or size < 1):

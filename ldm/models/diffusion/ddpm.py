@@ -365,6 +365,16 @@ class LatentDiffusion(DDPM):
         load_state_dict_into(self, sd, ignore_keys=ignore_keys, source_name=str(path))
         return manager_state
 
+    @torch.no_grad()
+    def on_train_batch_start(self, batch, batch_idx):
+        """With `scale_by_std`, set scale_factor = 1 / std(z) from the very first training batch, so the
+        latents the UNet sees have unit variance (Rombach et al., section 4.3.2)."""
+        if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self.restarted_from_ckpt:
+            x = DDPM.get_input(self, batch, self.first_stage_key).to(self.device)
+            z = self.encode_first_stage(x).sample()
+            self.scale_factor.copy_(1.0 / z.flatten().std())
+            logger.info("setting scale_factor to %.5f (1 / std of the first batch's latents)", self.scale_factor)
+
     # -- stages --------------------------------------------------------------------------------------
 
     def instantiate_first_stage(self, config):
