@@ -1,0 +1,46 @@
+"""Export the weights of a training checkpoint as a safetensors file (what configs' ckpt_path can load).
+
+    python scripts/export_weights.py logs/toy/<run>/checkpoints/last.ckpt models/toy/autoencoder.safetensors
+    python scripts/export_weights.py last.ckpt unet_only.safetensors --prefix model.diffusion_model. --strip
+
+The file records the source checkpoint, its global step and epoch, and `--note` in its metadata.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldm.checkpoint import read_state_dict  # noqa: E402
+from ldm.scripts_common import run_script  # noqa: E402
+from ldm.util import atomic_write  # noqa: E402
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help=".ckpt (Lightning or flat) or .safetensors")
+    p.add_argument("output", help="output .safetensors")
+    p.add_argument("--prefix", default="", help="keep only keys starting with this")
+    p.add_argument("--strip", action="store_true", help="remove the prefix from the kept keys")
+    p.add_argument("--note", default="", help="free text stored in the metadata (e.g. the recipe)")
+    return p
+
+
+def export(opt, overrides):
+    if overrides:
+        raise ValueError(f"unexpected arguments: {overrides}")
+    from safetensors.torch import save_file
+
+    sd, meta = read_state_dict(opt.checkpoint)
+    kept = {k[len(opt.prefix):] if opt.strip else k: v.contiguous() for k, v in sd.items() if k.startswith(opt.prefix)}
+    if not kept:
+        raise ValueError(f"{opt.checkpoint}: no key starts with '{opt.prefix}'")
+    info = {"source": str(opt.checkpoint), "note": opt.note, **{k: str(v) for k, v in meta.items()}}
+    atomic_write(opt.output, lambda tmp: save_file(kept, tmp, metadata=info))
+    size = sum(v.numel() * v.element_size() for v in kept.values()) / 2**20
+    print(f"{opt.output}: {len(kept)} tensors, {size:.1f} MiB, step {meta.get('global_step', '?')}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_script("export_weights.py", parser(), export))
