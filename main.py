@@ -11,6 +11,7 @@ re-exported here; importing this module has no side effects.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -76,10 +77,23 @@ def run(opt, dirs, config, lightning_config, trainer_cfg, data, model) -> pl.Tra
         except Exception:
             melk()
             raise
-        save_last(trainer, dirs)
+        finally:
+            if opt.debug and not dirs.resume_ckpt and trainer.is_global_zero:
+                move_to_debug_runs(dirs)
+        if not opt.debug:
+            save_last(trainer, dirs)
     if not opt.no_test and not trainer.interrupted and data is not None and "test" in data.datasets:
         trainer.test(model, data)
     return trainer
+
+
+def move_to_debug_runs(dirs) -> None:
+    """`--debug`: a fresh run's log dir ends up in <logdir parent>/debug_runs/<name> (as the reference)."""
+    target = os.path.join(os.path.dirname(dirs.logdir), "debug_runs", os.path.basename(dirs.logdir))
+    if os.path.isdir(dirs.logdir):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.rename(dirs.logdir, target)
+        print(f"--debug: moved {dirs.logdir} to {target}")
 
 
 def main(argv=None) -> int:

@@ -164,3 +164,20 @@ def test_ddp_two_cpu_processes(tiny, tmp_path):
     assert len(runs) == 1, runs
     ckpts = tmp_path / "logs" / runs[0] / "checkpoints"
     assert (ckpts / "embeddings.pt").is_file() and (ckpts / "embeddings_gs-6.pt").is_file()
+
+
+def test_data_root_is_required(tiny, tmp_path, capsys):
+    config, ckpt, _, _ = tiny
+    argv = ["--base", str(config), "-t", "--actual_resume", str(ckpt), "--logdir", str(tmp_path), *FAST]
+    assert train_main.main(argv) == 1
+    assert "--data_root is required" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_debug_run_moves_to_debug_runs(tiny, tmp_path):
+    opt, unknown = parse_args(args(tiny, tmp_path / "logs", "-d", steps=2))
+    prepared = train_main.prepare(opt, unknown)
+    train_main.run(opt, *prepared)
+    name = Path(prepared[0].logdir).name
+    assert (tmp_path / "logs" / "debug_runs" / name / "configs").is_dir()
+    assert not (tmp_path / "logs" / name).exists()
