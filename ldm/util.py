@@ -56,6 +56,14 @@ def instantiate_from_config(config: Mapping | str, **kwargs: Any) -> Any:
     return get_obj_from_str(config["target"])(**params, **kwargs)
 
 
+def images_from_batch(batch: Mapping[str, Any], key: str) -> torch.Tensor:
+    """Batch images [B, H, W, C] (channel-last, as the datasets give) -> contiguous float [B, C, H, W]."""
+    x = batch[key]
+    if x.ndim == 3:
+        x = x[..., None]
+    return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+
+
 def exists(x: Any) -> bool:
     return x is not None
 

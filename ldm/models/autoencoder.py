@@ -28,15 +28,7 @@ from torch import nn
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.vqvae.quantize import VectorQuantizer2 as VectorQuantizer
-from ldm.util import instantiate_from_config
-
-
-def _get_input(batch: Mapping[str, Any], k: str) -> torch.Tensor:
-    """Batch images are HWC (as the datasets emit them); return float32 NCHW, contiguous."""
-    x = batch[k]
-    if x.ndim == 3:
-        x = x[..., None]
-    return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+from ldm.util import images_from_batch, instantiate_from_config
 
 
 class _FirstStageBase(pl.LightningModule):
@@ -62,7 +54,7 @@ class _FirstStageBase(pl.LightningModule):
         load_state_dict_into(self, path, ignore_keys=ignore_keys)
 
     def get_input(self, batch: Mapping[str, Any], k: str) -> torch.Tensor:
-        return _get_input(batch, k)
+        return images_from_batch(batch, k)
 
 
 class AutoencoderKL(_FirstStageBase):

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from einops import rearrange
 from torch import nn
 
 from ldm.checkpoint import load_state_dict_into, read_state_dict
@@ -42,7 +41,7 @@ from ldm.models.diffusion.textual_inversion import (
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.util import count_params, default, instantiate_from_config, log_txt_as_img
+from ldm.util import count_params, default, images_from_batch, instantiate_from_config, log_txt_as_img
 
 logger = logging.getLogger(__name__)
 
@@ -244,10 +243,7 @@ class DDPM(pl.LightningModule):
 
     def get_input(self, batch, k):
         """Batch images [B, H, W, C] (channel-last, as the datasets give) -> [B, C, H, W] float."""
-        x = batch[k]
-        if x.ndim == 3:
-            x = x[..., None]
-        return rearrange(x, "b h w c -> b c h w").to(memory_format=torch.contiguous_format).float()
+        return images_from_batch(batch, k)
 
     def shared_step(self, batch, **kwargs):
         return self(self.get_input(batch, self.first_stage_key), **kwargs)
