@@ -41,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--res", type=int, default=256, help="training image size in pixels")
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after one pass over the images")
+    p.add_argument("--images", type=int, default=5, help="distinct training images (textual inversion: 3-5)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=["reference", "cache+sdpa", "cache+sdpa+ckpt"])
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], nargs="+", default=["fp32"])
@@ -91,7 +92,7 @@ def child(opt, overrides) -> dict:
         model.model.diffusion_model = torch.compile(unet)
     opt_ = model.configure_optimizers()
     g = torch.Generator().manual_seed(0)
-    images = torch.rand(5, opt.res, opt.res, 3, generator=g) * 2 - 1  # five "training images"
+    images = torch.rand(opt.images, opt.res, opt.res, 3, generator=g) * 2 - 1  # the "training images"
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     device = torch.device(opt.device)
 
@@ -100,8 +101,10 @@ def child(opt, overrides) -> dict:
             torch.cuda.synchronize(device)
 
     times = {p: [] for p in PHASES}
-    for i in range(opt.warmup + opt.steps):
-        idx = [(i * batch_size + j) % 5 for j in range(batch_size)]
+    # steady state, as in a real run: every training image has been seen (the latent cache is warm)
+    warmup = -(-opt.images // batch_size) + opt.warmup
+    for i in range(warmup + opt.steps):
+        idx = [(i * batch_size + j) % opt.images for j in range(batch_size)]
         batch = {"image": images[idx], "caption": ["a photo of *"] * batch_size}
         stamps = [time.perf_counter()]
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -117,7 +120,7 @@ def child(opt, overrides) -> dict:
         opt_.step()
         opt_.zero_grad(set_to_none=True)
         sync(), stamps.append(time.perf_counter())
-        if i >= opt.warmup:
+        if i >= warmup:
             for p, a, b in zip(PHASES, stamps[:-1], stamps[1:], strict=True):
                 times[p].append(b - a)
     steps = [sum(v) for v in zip(*times.values(), strict=True)]
