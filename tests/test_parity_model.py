@@ -90,9 +90,11 @@ def test_sampler_matches_reference(parity, case):
     assert_close(torch.as_tensor(sampler.ddim_alphas_prev), f[f"{prefix}_ddim_alphas_prev"], rtol=1e-7, atol=0)
     assert_close(sampler.ddim_sigmas, f[f"{prefix}_ddim_sigmas"], rtol=1e-6, atol=1e-9, what="sigma")
     assert_close(sampler.ddim_sqrt_one_minus_alphas, f[f"{prefix}_ddim_sqrt_one_minus_alphas"], rtol=1e-6, atol=0)
-    assert_close(torch.stack(inter["x_inter"]), f[f"{prefix}_x_inter"], rtol=0, atol=1e-4, what="x_inter")
-    assert_close(torch.stack(inter["pred_x0"]), f[f"{prefix}_pred_x0"], rtol=0, atol=1e-4, what="pred_x0")
-    assert_close(samples, f[f"{prefix}_samples"], rtol=0, atol=1e-4, what="samples")
+    # atol 1e-4 as the fixtures suggest, plus 1e-5 of the magnitude: pred_x0 reaches ~35, where the reference
+    # itself moves by 8.7e-5 between 1 and 2 threads (2.8e-6 relative)
+    assert_close(torch.stack(inter["x_inter"]), f[f"{prefix}_x_inter"], rtol=1e-5, atol=1e-4, what="x_inter")
+    assert_close(torch.stack(inter["pred_x0"]), f[f"{prefix}_pred_x0"], rtol=1e-5, atol=1e-4, what="pred_x0")
+    assert_close(samples, f[f"{prefix}_samples"], rtol=1e-5, atol=1e-4, what="samples")
     assert_close(model.decode_first_stage(samples), f[f"{prefix}_decoded"], rtol=0, atol=1e-4, what="decoded")
 
 

@@ -67,7 +67,7 @@ def test_script_reproduces_sampling_parity(setup, case, tmp_path):
     runner = getattr(script, "run_laion_aware", None) or script.run
     assert run_script("script", parser, runner, argv) == 0
     latents = load_file(str(tmp_path / "samples" / "latents.safetensors"))["samples"]
-    assert_close(latents, sampling[f"{prefix}_samples"], rtol=0, atol=1e-4, what="samples")
+    assert_close(latents, sampling[f"{prefix}_samples"], rtol=1e-5, atol=1e-4, what="samples")
     expected = [to_uint8((x + 1) / 2) for x in sampling[f"{prefix}_decoded"]]
     for i, ref in enumerate(expected):
         png = Image.open(tmp_path / "samples" / f"{i:05}.png")
