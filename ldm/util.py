@@ -112,6 +112,23 @@ def log_txt_as_img(wh: tuple[int, int], xc: list[str], size: int = 10) -> torch.
     return torch.stack(out)
 
 
+@torch.no_grad()
+def randomize_parameters_(module: torch.nn.Module, generator: torch.Generator, skip_prefixes: tuple[str, ...] = ()):
+    """Overwrite every parameter with random values (the parity fixtures' recipe): matrices and kernels
+    U(-1, 1) / sqrt(fan_in), 1-D weights 1 + 0.1 N(0, 1), other 1-D 0.1 N(0, 1).
+
+    For tiny demo and test models: a freshly initialised UNet zero-initialises its output projections,
+    which would cut the text, and with it a learned word, off from the output.
+    """
+    for name, p in module.named_parameters():
+        if name.startswith(skip_prefixes):
+            continue
+        if p.ndim >= 2:
+            p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) / p[0].numel() ** 0.5)
+        else:
+            p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=generator))
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` on a temporary file beside `path`, then rename it over `path`.
 

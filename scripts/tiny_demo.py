@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 import main as train_main  # noqa: E402
 from ldm.image_grid import make_grid, save_image, to_uint8  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.util import instantiate_from_config, randomize_parameters_  # noqa: E402
 
 CONFIG = REPO / "configs" / "toy" / "tiny-demo.yaml"
 PROMPTS = ["a photo of *", "a red *", "a * on a blue background"]
@@ -62,15 +62,7 @@ def write_base_checkpoint(path: Path, seed: int) -> None:
     projections, which would cut the text (and so the learned word) off from the output."""
     torch.manual_seed(seed)
     model = instantiate_from_config(OmegaConf.load(CONFIG).model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith("embedding_manager."):
-                continue
-            if p.ndim >= 2:
-                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) / p[0].numel() ** 0.5)
-            else:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+    randomize_parameters_(model, torch.Generator().manual_seed(seed), skip_prefixes=("embedding_manager.",))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("embedding_manager.")}
     torch.save({"state_dict": state}, path)
 

@@ -87,3 +87,17 @@ def build_parity_model(name: str, tmp_dir: Path, num_vectors: int = 1):
     cfg = parity_config(name, num_vectors)
     cfg.model.params.ckpt_path = str(ckpt)
     return instantiate_from_config(cfg.model)
+
+
+def tiny_clip_model(seed: int = 0):
+    """A 2-layer CLIP with 32-pixel inputs, built locally (no download); initializer_factor 5 spreads the
+    random features apart."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  initializer_factor=5.0)
+    config = CLIPConfig(text_config=dict(vocab_size=49408, max_position_embeddings=77, **common),
+                        vision_config=dict(image_size=32, patch_size=8, **common), projection_dim=16,
+                        initializer_factor=5.0)
+    return CLIPModel(config).eval()

@@ -13,7 +13,7 @@ import mpmath
 import numpy as np
 import pytest
 import torch
-from conftest import fixture_path
+from conftest import fixture_path, tiny_clip_model
 from PIL import Image
 
 from evaluation.clip_eval import (
@@ -52,27 +52,6 @@ def clip_tokenizer():
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(str(fixture_path("tokenizers", "clip")))
-
-
-def tiny_clip_model(seed: int = 0):
-    """A 2-layer CLIP with 32-pixel inputs; initializer_factor 5 spreads the random features apart."""
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(seed)
-    common = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        initializer_factor=5.0,
-    )
-    config = CLIPConfig(
-        text_config=dict(vocab_size=49408, max_position_embeddings=77, **common),
-        vision_config=dict(image_size=32, patch_size=8, **common),
-        projection_dim=16,
-        initializer_factor=5.0,
-    )
-    return CLIPModel(config).eval()
 
 
 @pytest.fixture(scope="module")

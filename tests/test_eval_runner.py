@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, fixture_path
+from conftest import REPO, fixture_path, tiny_clip_model
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
@@ -52,43 +52,21 @@ def render_rings(folder: Path, n: int = 4, size: int = 32) -> None:
 def write_tiny_base(path: Path, seed: int = 5) -> None:
     """Random weights everywhere (a fresh UNet zero-initialises its output layers, which would make the
     text irrelevant); the embedding manager is left out, as in a real base checkpoint."""
-    from ldm.util import instantiate_from_config
+    from ldm.util import instantiate_from_config, randomize_parameters_
 
     config = OmegaConf.load(CONFIG)
     config.model.params.cond_stage_config.params.tokenizer_path = str(TOKENIZER)
     torch.manual_seed(seed)
     model = instantiate_from_config(config.model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith("embedding_manager."):
-                continue
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            else:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+    randomize_parameters_(model, torch.Generator().manual_seed(seed), skip_prefixes=("embedding_manager.",))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("embedding_manager.")}
     torch.save({"state_dict": state}, path)
 
 
 def write_tiny_clip(folder: Path) -> None:
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    torch.manual_seed(0)
-    common = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        initializer_factor=5.0,
-    )
-    config = CLIPConfig(
-        text_config=dict(vocab_size=49408, max_position_embeddings=77, **common),
-        vision_config=dict(image_size=32, patch_size=8, **common),
-        projection_dim=16,
-        initializer_factor=5.0,
-    )
-    CLIPModel(config).save_pretrained(folder)
+    tiny_clip_model(seed=0).save_pretrained(folder)
     CLIPTokenizer.from_pretrained(str(fixture_path("tokenizers", "clip"))).save_pretrained(folder)
 
 
