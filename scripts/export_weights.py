@@ -24,6 +24,8 @@ def parser():
     p.add_argument("--prefix", default="", help="keep only keys starting with this")
     p.add_argument("--strip", action="store_true", help="remove the prefix from the kept keys")
     p.add_argument("--note", default="", help="free text stored in the metadata (e.g. the recipe)")
+    p.add_argument("--half", action="store_true", help="store float tensors as float16 (half the size; they "
+                   "load into a float32 model, rounded to float16 precision)")
     return p
 
 
@@ -33,10 +35,15 @@ def export(opt, overrides):
     from safetensors.torch import save_file
 
     sd, meta = read_state_dict(opt.checkpoint)
-    kept = {k[len(opt.prefix):] if opt.strip else k: v.contiguous() for k, v in sd.items() if k.startswith(opt.prefix)}
+    kept = {}
+    for k, v in sd.items():
+        if k.startswith(opt.prefix):
+            v = v.half() if opt.half and v.is_floating_point() else v
+            kept[k[len(opt.prefix):] if opt.strip else k] = v.contiguous()
     if not kept:
         raise ValueError(f"{opt.checkpoint}: no key starts with '{opt.prefix}'")
-    info = {"source": str(opt.checkpoint), "note": opt.note, **{k: str(v) for k, v in meta.items()}}
+    info = {"source": str(opt.checkpoint), "note": opt.note, "dtype": "float16" if opt.half else "as saved",
+            **{k: str(v) for k, v in meta.items()}}
     atomic_write(opt.output, lambda tmp: save_file(kept, tmp, metadata=info))
     size = sum(v.numel() * v.element_size() for v in kept.values()) / 2**20
     print(f"{opt.output}: {len(kept)} tensors, {size:.1f} MiB, step {meta.get('global_step', '?')}")
