@@ -1,0 +1,31 @@
+"""scripts/export_weights.py: a checkpoint's weights (optionally a prefix, optionally float16) as safetensors."""
+
+import importlib.util
+
+import torch
+from conftest import REPO
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ldm.scripts_common import run_script
+
+
+def test_export_prefix_half_and_metadata(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("export_weights", REPO / "scripts" / "export_weights.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sd = {"model.a.weight": torch.randn(3, 2), "model.steps": torch.tensor([7]), "other.b": torch.ones(1)}
+    torch.save({"state_dict": sd, "global_step": 123}, tmp_path / "last.ckpt")
+    argv = [str(tmp_path / "last.ckpt"), str(tmp_path / "w.safetensors"), "--prefix", "model.", "--strip", "--half",
+            "--note", "recipe"]
+    assert run_script("export_weights.py", mod.parser(), mod.export, argv) == 0
+    out = load_file(str(tmp_path / "w.safetensors"))
+    assert set(out) == {"a.weight", "steps"}
+    assert out["a.weight"].dtype == torch.float16 and torch.equal(out["a.weight"], sd["model.a.weight"].half())
+    assert out["steps"].dtype == torch.int64
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["global_step"] == "123" and meta["note"] == "recipe" and meta["dtype"] == "float16"
+    argv = [str(tmp_path / "last.ckpt"), str(tmp_path / "x.safetensors"), "--prefix", "nope."]
+    assert run_script("export_weights.py", mod.parser(), mod.export, argv) == 1
+    assert "no key starts with 'nope.'" in capsys.readouterr().err
