@@ -22,7 +22,7 @@ Local changes:
   local folders or the Hugging Face hub/cache, with clear errors (`ldm/modules/encoders/pretrained.py`);
   new arguments `tokenizer_path`, `text_config`, `attn_implementation` (default "eager", the reference math).
 - Devices come from the parameters; `device` arguments are accepted for config compatibility only (the
-  originals defaulted to "cuda"). Tokenizer output is built on the CPU, so it also works under
+  originals defaulted to a CUDA device). Tokenizer output is built on the CPU, so it also works under
   `with torch.device("meta")`.
 - Dropped (unused by Textual Inversion, and they made `clip` and `kornia` hard dependencies):
   `SpatialRescaler`, `FrozenCLIPTextEmbedder`, `FrozenClipImageEmbedder`, and the private helpers
