@@ -86,6 +86,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="attention kernel: PyTorch SDPA (default, same maths, faster) or the reference's math")
     p.add_argument("--gradient_checkpointing", type=str2bool, nargs="?", const=True, default=False,
                    help="recompute UNet transformer blocks in backward (less memory, same numbers, slower)")
+    p.add_argument("--frozen_weights", choices=["fp32", "bf16"], default="fp32",
+                   help="storage of the frozen weights: fp32 (faithful) or bf16 (half the memory, fp32 compute, "
+                        "weights rounded)")
     for flag, kind in TRAINER_FLAGS.items():
         p.add_argument(f"--{flag}", type=kind, default=None, help=argparse.SUPPRESS)
     return p

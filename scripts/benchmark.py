@@ -12,7 +12,11 @@ Each variant runs in its own process so its peak RSS is its own. Variants (switc
   sdpa:      PyTorch scaled-dot-product attention in the UNet and the BERT encoder;
   ckpt:      gradient checkpointing of the UNet's transformer blocks;
   cl:        channels-last memory format for the UNet;
-  compile:   torch.compile of the UNet.
+  compile:   torch.compile of the UNet;
+  bf16w:     frozen weights stored in bfloat16, computed in float32 (weights rounded; see
+             ldm/modules/frozen_weights.py).
+Peak RSS is reported twice: over the whole process (model build included) and over the training steps only
+(the kernel's high-water mark is reset after the build; Linux only).
 A variant is a '+'-joined list, e.g. `cache+sdpa`. Phases: first stage (get_input), conditioning (text
 encoder with the embedding), UNet forward + loss, backward, optimizer step.
 """
@@ -31,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SWITCHES = ("reference", "cache", "sdpa", "ckpt", "cl", "compile")
+SWITCHES = ("reference", "cache", "sdpa", "ckpt", "cl", "compile", "bf16w")
 PHASES = ("first_stage", "conditioning", "unet_forward", "backward", "optimizer")
 
 
@@ -76,6 +80,7 @@ def child(opt, overrides) -> dict:
 
     from ldm.modules import attention
     from ldm.modules.diffusionmodules import util
+    from ldm.modules.frozen_weights import store_frozen_weights
 
     switches = set(opt.child.split(":")[0].split("+"))
     batch_size, precision = int(opt.child.split(":")[1]), opt.child.split(":")[2]
@@ -85,6 +90,8 @@ def child(opt, overrides) -> dict:
     t0 = time.perf_counter()
     model = build(opt, overrides, switches)
     build_s = time.perf_counter() - t0
+    if "bf16w" in switches:
+        store_frozen_weights(model, torch.bfloat16)
     unet = model.model.diffusion_model
     if "cl" in switches:
         unet.to(memory_format=torch.channels_last)
@@ -100,6 +107,7 @@ def child(opt, overrides) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    reset_peak_rss()
     times = {p: [] for p in PHASES}
     # steady state, as in a real run: every training image has been seen (the latent cache is warm)
     warmup = -(-opt.images // batch_size) + opt.warmup
@@ -129,21 +137,41 @@ def child(opt, overrides) -> dict:
            "median_step_s": statistics.median(steps), "step_times_s": steps,
            "phases_median_s": {p: statistics.median(v) for p, v in times.items()},
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "step_peak_rss_mb": step_peak_rss_mb(),
            "torch": torch.__version__, "params": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
 
 
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark of this process (Linux: /proc/self/clear_refs, value 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def step_peak_rss_mb() -> float | None:
+    """Peak RSS since `reset_peak_rss` (VmHWM), or None where /proc is not available."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    kb = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return int(kb) / 1024 if kb else None
+
+
 def table(results: list[dict]) -> str:
     ref = {(r["batch"], r["precision"]): r for r in results if r["variant"] == "reference"}
-    head = ["variant", "batch", "prec", "step s", "x ref", "RSS MB", "x ref", *PHASES]
+    head = ["variant", "batch", "prec", "step s", "x ref", "RSS MB", "x ref", "steps RSS MB", *PHASES]
     rows = [head]
     for r in results:
         base = ref.get((r["batch"], r["precision"]))
         rows.append([r["variant"], str(r["batch"]), r["precision"], f"{r['median_step_s']:.3f}",
                      f"{r['median_step_s'] / base['median_step_s']:.2f}" if base else "-",
                      f"{r['peak_rss_mb']:.0f}", f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}" if base else "-",
+                     "-" if r["step_peak_rss_mb"] is None else f"{r['step_peak_rss_mb']:.0f}",
                      *(f"{r['phases_median_s'][p]:.3f}" for p in PHASES)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows)

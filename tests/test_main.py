@@ -181,3 +181,15 @@ def test_debug_run_moves_to_debug_runs(tiny, tmp_path):
     name = Path(prepared[0].logdir).name
     assert (tmp_path / "logs" / "debug_runs" / name / "configs").is_dir()
     assert not (tmp_path / "logs" / name).exists()
+
+
+def test_frozen_weights_bf16_trains_the_fp32_embedding(tiny, tmp_path):
+    _, _, base, _ = tiny
+    trainer, model, _ = train(args(tiny, tmp_path / "logs", "--frozen_weights", "bf16", steps=4))
+    assert trainer.global_step == 4
+    sd = model.state_dict()
+    w = "model.diffusion_model.input_blocks.0.0.weight"
+    assert sd[w].dtype == torch.bfloat16 and torch.equal(sd[w], base[w].to(torch.bfloat16))
+    vector = model.embedding_manager.string_to_param_dict["*"]
+    assert vector.dtype == torch.float32
+    assert not torch.equal(vector.detach(), model.embedding_manager.initial_embeddings["*"])

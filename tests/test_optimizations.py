@@ -1,5 +1,6 @@
 """Issue 7 acceptance 3: each speed/memory switch keeps the numerics of a training step (tiny configs)."""
 
+import copy
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from safetensors.torch import load_file
 
 from ldm.modules import attention
 from ldm.modules.diffusionmodules import util
+from ldm.modules.frozen_weights import store_frozen_weights
 
 
 @pytest.fixture(scope="module", params=PARITY_NAMES)
@@ -69,3 +71,28 @@ def test_gradient_checkpointing_matches(case):
         util.set_gradient_checkpointing(False)
     assert_close(loss, ref_loss, rtol=1e-6, atol=0, what="loss")
     assert_close(grad, ref_grad, rtol=1e-5, atol=1e-8, what="grad")
+
+
+def test_bf16_frozen_weights_compute_in_fp32_with_rounded_weights(case):
+    """bf16 storage changes the weights (rounded) and nothing else: the step equals an fp32 model whose frozen
+    weights were rounded to bf16, and the frozen weights take half the memory."""
+    model, batch, f = case
+    rounded = copy.deepcopy(model)
+    stored = copy.deepcopy(model)
+    frozen_bytes = sum(p.numel() * p.element_size() for p in stored.parameters() if not p.requires_grad)
+    converted = store_frozen_weights(stored, torch.bfloat16)
+    assert converted > 20
+    stored_bytes = sum(p.numel() * p.element_size() for p in stored.parameters() if not p.requires_grad)
+    assert stored_bytes < 0.55 * frozen_bytes
+    assert list(stored.state_dict()) == list(model.state_dict())
+    vector = stored.embedding_manager.string_to_param_dict["*"]
+    assert vector.dtype == torch.float32 and vector.requires_grad
+    with torch.no_grad():  # the fp32 model gets exactly the rounded weights
+        for p, q in zip(rounded.parameters(), stored.parameters(), strict=True):
+            p.copy_(q.float())
+    ref_loss, ref_grad = step(rounded, batch, f)
+    loss, grad = step(stored, batch, f)
+    assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7, what="loss")
+    assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7, what="grad")
+    fp32_loss, _ = step(model, batch, f)
+    assert not torch.equal(loss, fp32_loss)  # the weights really are rounded
