@@ -1,6 +1,6 @@
 """The reconstruction-editability plot of the paper's setups (Figure 7(a)), drawn with Pillow.
 
-`draw_tradeoff_plot` takes the table of `evaluation.setups.summarize` (one row per setup or reference,
+`draw_tradeoff_plot` takes the table of `evaluation.results.summarize` (one row per setup or reference,
 with means and 95% intervals of both metrics) and writes a PNG whose text chunks hold the title and the
 table as JSON.
 """

@@ -25,7 +25,6 @@ their embedding only.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import shutil
@@ -38,15 +37,13 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from evaluation.clip_eval import (
-    METRIC_NOTE,
     LDMCLIPEvaluator,
     image_similarity_per_sample,
     load_training_images,
     remove_placeholder,
     text_similarity_per_sample,
 )
-from evaluation.coverage import mean_confidence_interval
-from evaluation.plot import draw_tradeoff_plot
+from evaluation.results import REFERENCES, Pool, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +118,6 @@ CATALOGUE: dict[str, Setup] = {
         ),
     ]
 }
-REFERENCES = {"image_only": "Image only", "prompt_only": "Prompt only"}
 
 
 @dataclass
@@ -323,14 +319,6 @@ def train_embedding(spec: RunnerSpec, setup: Setup, concept: Concept) -> Path:
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Pool:
-    """Per-image values behind one table row."""
-
-    image: list[float] = field(default_factory=list)
-    text: list[float] = field(default_factory=list)
-
-
 class Scorer:
     """Samples and scores prompts for one run, collecting the per-prompt rows and the per-setup pools."""
 
@@ -444,85 +432,6 @@ def evaluate_setups(
             model.embedding_manager.load(embeddings[(setup.name, concept.name)])
             scorer.score_samples(setup.name, ci, concept, train_features)
     return scorer
-
-
-# ---------------------------------------------------------------------------------------------------
-# Table and outputs (the plot is drawn by evaluation.plot)
-# ---------------------------------------------------------------------------------------------------
-
-TABLE_COLUMNS = [
-    "setup",
-    "label",
-    "kind",
-    "image_similarity",
-    "image_ci_low",
-    "image_ci_high",
-    "image_n",
-    "text_similarity",
-    "text_ci_low",
-    "text_ci_high",
-    "text_n",
-]
-
-
-def summarize(spec: RunnerSpec, pools: dict[str, Pool]) -> list[dict]:
-    """One row per setup and reference (in spec order): means and 95% intervals."""
-    labels = {s.name: (s.label or s.name, "setup") for s in spec.setups}
-    labels.update({r: (REFERENCES[r], "reference") for r in spec.references})
-    table = []
-    for name, (label, kind) in labels.items():
-        pool = pools.get(name, Pool())
-        image = mean_confidence_interval(pool.image)
-        text = mean_confidence_interval(pool.text)
-        table.append(
-            dict(
-                zip(
-                    TABLE_COLUMNS,
-                    [name, label, kind, *image, len(pool.image), *text, len(pool.text)],
-                    strict=True,
-                )
-            )
-        )
-    return table
-
-
-def write_csv(rows: list[dict], path: Path, columns: list[str] | None = None) -> None:
-    columns = columns or list(rows[0])
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_results(spec: RunnerSpec, scorer: Scorer, clip_name: str) -> list[dict]:
-    """results.csv/json, per_prompt.csv and tradeoff.png in `spec.out_dir`; returns the table."""
-    out = Path(spec.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table = summarize(spec, scorer.pools)
-    write_csv(table, out / "results.csv", TABLE_COLUMNS)
-    write_csv(scorer.rows, out / "per_prompt.csv")
-    record = {
-        "metric": METRIC_NOTE,
-        "interval": "95% Student-t interval of the mean; unit = one image (image similarity: samples of the "
-        "reconstruction prompt; text similarity: samples of the editing prompts)",
-        "clip_model": clip_name,
-        "preprocess": spec.preprocess,
-        "n_samples": spec.n_samples,
-        "ddim_steps": spec.ddim_steps,
-        "scale": spec.scale,
-        "eta": 0.0,
-        "seed": spec.seed,
-        "reconstruction_prompt": spec.reconstruction_prompt,
-        "editing_prompts": spec.editing_prompts,
-        "table": table,
-        "per_prompt": scorer.rows,
-        "spec": asdict(spec),
-    }
-    (out / "results.json").write_text(json.dumps(record, indent=1))
-    shown = Path(clip_name).name if Path(clip_name).is_dir() else clip_name  # no local paths in the figure
-    title = f"Reconstruction vs editability (CLIP {shown}, raw cosine, 95% CI)"
-    draw_tradeoff_plot(table, out / "tradeoff.png", title)
-    return table
 
 
 def run(spec: RunnerSpec, progress: bool = True, train: bool = True) -> list[dict]:

@@ -21,9 +21,9 @@ from PIL import Image, ImageDraw
 
 from evaluation.caption_data import CaptionedPersonalizedBase
 from evaluation.clip_eval import LDMCLIPEvaluator, load_training_images
+from evaluation.results import TABLE_COLUMNS
 from evaluation.setups import (
     CATALOGUE,
-    TABLE_COLUMNS,
     Concept,
     load_spec,
     parse_setup,
