@@ -1,11 +1,9 @@
 """Issue 4 acceptance 3-4: every writer round-trips (single and multi-vector), and the sampling script and
 the converter fail cleanly on bad embedding input (wrong width, unknown format, missing file, collision)."""
 
-import importlib.util
-
 import pytest
 import torch
-from conftest import REPO, fixture_path, parity_config
+from conftest import fixture_path, load_script, parity_config
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -42,13 +40,6 @@ def test_unknown_writer_format(tmp_path):
     assert set(FORMATS) == {"official", "safetensors", "diffusers", "a1111"}
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def sd_setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sd")
@@ -60,7 +51,7 @@ def sd_setup(tmp_path_factory):
 
 
 def _sample(sd_setup, tmp_path, embedding_paths):
-    script = _script("stable_txt2img")
+    script = load_script("stable_txt2img")
     argv = ["--prompt", "a photo of *", "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "2", "--H", "64",
             "--W", "64", "--config", str(sd_setup / "config.yaml"), "--ckpt", str(sd_setup / "base.ckpt"),
             "--device", "cpu", "--outdir", str(tmp_path / "out"), "--precision", "full",
@@ -96,7 +87,7 @@ def test_script_bad_embedding_input(sd_setup, tmp_path, capsys, case):
 
 
 def test_converter_round_trip_and_errors(tmp_path, capsys):
-    conv = _script("convert_embeddings")
+    conv = load_script("convert_embeddings")
     write_format(EmbeddingSet({"<cat>": torch.randn(2, 16)}, {}), tmp_path / "learned_embeds.bin", "diffusers")
     argv = [str(tmp_path / "learned_embeds.bin"), str(tmp_path / "star.pt"), "--to", "official",
             "--placeholder", "*", "-sd", "--tokenizer_path", str(fixture_path("tokenizers", "clip"))]

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, fixture_path, tiny_clip_model
+from conftest import REPO, fixture_path, load_script, tiny_clip_model
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
@@ -133,11 +132,6 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,9 +1,8 @@
 """scripts/export_weights.py: a checkpoint's weights (optionally a prefix, optionally float16) as safetensors."""
 
-import importlib.util
 
 import torch
-from conftest import REPO
+from conftest import load_script
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -11,9 +10,7 @@ from ldm.scripts_common import run_script
 
 
 def test_export_prefix_half_and_metadata(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("export_weights", REPO / "scripts" / "export_weights.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("export_weights")
     sd = {"model.a.weight": torch.randn(3, 2), "model.steps": torch.tensor([7]), "other.b": torch.ones(1)}
     torch.save({"state_dict": sd, "global_step": 123}, tmp_path / "last.ckpt")
     argv = [str(tmp_path / "last.ckpt"), str(tmp_path / "w.safetensors"), "--prefix", "model.", "--strip", "--half",

@@ -1,13 +1,12 @@
 """Acceptance: the sampling scripts reproduce parity groups 5 (DDIM) and 6 (PLMS) from the fixtures'
 weights, seeds and starting noise; merge_embeddings.py reproduces group 8."""
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import PARITY_NAMES, REPO, assert_close, fixture_path, parity_config
+from conftest import PARITY_NAMES, assert_close, fixture_path, load_script, parity_config
 from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -16,13 +15,6 @@ import merge_embeddings
 from ldm.image_grid import to_uint8
 from ldm.modules.embedding_formats import EmbeddingSet, read_embeddings, write_official
 from ldm.scripts_common import run_script
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module", params=PARITY_NAMES)
