@@ -22,8 +22,6 @@ from ldm.cli import UsageError, apply_overrides, merge_configs, parse_args, run_
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401
 from ldm.modules.attention import set_attention_backend
 from ldm.modules.diffusionmodules.util import set_gradient_checkpointing
-from ldm.modules.frozen_weights import DTYPES as FROZEN_DTYPES
-from ldm.modules.frozen_weights import store_frozen_weights
 from ldm.scripts_common import USER_ERRORS
 from ldm.training import build_callbacks, build_data, build_loggers, save_last, set_learning_rate
 from ldm.util import instantiate_from_config
@@ -52,7 +50,6 @@ def prepare(opt, unknown):
                 raise UsageError(f"--data_root is required (data.params.{split}.params.data_root is not set)")
     data = build_data(config, opt.seed) if "data" in config else None
     model = instantiate_from_config(config.model)
-    store_frozen_weights(model, FROZEN_DTYPES[opt.frozen_weights])
     lightning_config.trainer = trainer_cfg
     return dirs, config, lightning_config, trainer_cfg, data, model
 

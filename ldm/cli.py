@@ -281,9 +281,11 @@ def apply_overrides(config: DictConfig, opt: argparse.Namespace) -> None:
                 params.initializer_words = [opt.init_word]
             else:
                 params.initializer_words[0] = opt.init_word
-    elif opt.placeholder_string or opt.init_word or opt.embedding_manager_ckpt:
-        raise UsageError("--placeholder_string/--init_word/--embedding_manager_ckpt need a config with "
-                         "model.params.personalization_config")
+    elif opt.placeholder_string or opt.init_word or opt.embedding_manager_ckpt or opt.frozen_weights != "fp32":
+        raise UsageError("--placeholder_string/--init_word/--embedding_manager_ckpt/--frozen_weights need a "
+                         "config with model.params.personalization_config")
+    if opt.frozen_weights != "fp32":
+        model_params.frozen_weights = opt.frozen_weights
     if opt.tokenizer_path:
         cond = model_params.cond_stage_config
         if "params" not in cond or cond.params is None:

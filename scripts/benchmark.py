@@ -66,6 +66,8 @@ def build(opt, overrides, switches):
     cfg = OmegaConf.merge(OmegaConf.load(opt.config), OmegaConf.from_dotlist(overrides))
     params = cfg.model.params
     params.cache_first_stage = "cache" in switches
+    if "bf16w" in switches:
+        params.frozen_weights = "bf16"
     if opt.tokenizer_path:
         params.cond_stage_config.params = params.cond_stage_config.get("params") or {}
         params.cond_stage_config.params.tokenizer_path = opt.tokenizer_path
@@ -80,7 +82,6 @@ def child(opt, overrides) -> dict:
 
     from ldm.modules import attention
     from ldm.modules.diffusionmodules import util
-    from ldm.modules.frozen_weights import store_frozen_weights
 
     switches = set(opt.child.split(":")[0].split("+"))
     batch_size, precision = int(opt.child.split(":")[1]), opt.child.split(":")[2]
@@ -90,8 +91,6 @@ def child(opt, overrides) -> dict:
     t0 = time.perf_counter()
     model = build(opt, overrides, switches)
     build_s = time.perf_counter() - t0
-    if "bf16w" in switches:
-        store_frozen_weights(model, torch.bfloat16)
     unet = model.model.diffusion_model
     if "cl" in switches:
         unet.to(memory_format=torch.channels_last)
@@ -107,6 +106,7 @@ def child(opt, overrides) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    build_peak_mb = step_peak_rss_mb()  # the reset below clears the process-wide mark too
     reset_peak_rss()
     times = {p: [] for p in PHASES}
     # steady state, as in a real run: every training image has been seen (the latent cache is warm)
@@ -136,7 +136,7 @@ def child(opt, overrides) -> dict:
            "device": opt.device, "res": opt.res, "build_s": round(build_s, 2),
            "median_step_s": statistics.median(steps), "step_times_s": steps,
            "phases_median_s": {p: statistics.median(v) for p, v in times.items()},
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "peak_rss_mb": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, build_peak_mb or 0),
            "step_peak_rss_mb": step_peak_rss_mb(),
            "torch": torch.__version__, "params": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":

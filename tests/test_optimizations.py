@@ -96,3 +96,23 @@ def test_bf16_frozen_weights_compute_in_fp32_with_rounded_weights(case):
     assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7, what="grad")
     fp32_loss, _ = step(model, batch, f)
     assert not torch.equal(loss, fp32_loss)  # the weights really are rounded
+
+
+def test_frozen_weights_config_stores_while_building_and_rejects_trainable_models(tmp_path):
+    from conftest import parity_config
+
+    from ldm.util import instantiate_from_config
+
+    cfg = parity_config("ldm_tiny")
+    cfg.model.params.frozen_weights = "bf16"
+    model = instantiate_from_config(cfg.model)
+    assert model.model.diffusion_model.input_blocks[0][0].weight.dtype == torch.bfloat16
+    assert model.cond_stage_model.transformer.token_emb.weight.dtype == torch.bfloat16
+    assert model.embedding_manager.string_to_param_dict["*"].dtype == torch.float32
+    cfg.model.params.unfreeze_model = True
+    with pytest.raises(ValueError, match="unfreeze_model"):
+        instantiate_from_config(cfg.model)
+    cfg.model.params.unfreeze_model = False
+    del cfg.model.params.personalization_config
+    with pytest.raises(ValueError, match="personalization_config"):
+        instantiate_from_config(cfg.model)

@@ -40,6 +40,8 @@ from ldm.models.diffusion.textual_inversion import (
 )
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.frozen_weights import DTYPES as FROZEN_DTYPES
+from ldm.modules.frozen_weights import store_frozen_weights
 from ldm.modules.ema import LitEma
 from ldm.util import count_params, default, images_from_batch, instantiate_from_config, log_txt_as_img
 
@@ -84,8 +86,13 @@ class DDPM(pl.LightningModule):
         use_positional_encodings: bool = False,
         learn_logvar: bool = False,
         logvar_init: float = 0.0,
+        frozen_weights: str = "fp32",
     ):
         super().__init__()
+        if frozen_weights not in FROZEN_DTYPES:
+            raise ValueError(f"frozen_weights must be one of {list(FROZEN_DTYPES)}, got '{frozen_weights}'")
+        if frozen_weights != "fp32" and unfreeze_model:
+            raise ValueError(f"frozen_weights={frozen_weights} stores frozen weights; unfreeze_model trains them")
         if parameterization not in ("eps", "x0"):
             raise ValueError(f"parameterization must be 'eps' or 'x0', got '{parameterization}'")
         if loss_type not in ("l1", "l2"):
@@ -105,6 +112,8 @@ class DDPM(pl.LightningModule):
         self.use_positional_encodings = use_positional_encodings
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         count_params(self.model, verbose=True)
+        self.frozen_weights = frozen_weights
+        self.store_if_frozen(self.model)
         self.use_ema = use_ema
         if use_ema:
             self.model_ema = LitEma(self.model)
@@ -130,6 +139,14 @@ class DDPM(pl.LightningModule):
             self.register_buffer("logvar", logvar, persistent=False)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+
+    def store_if_frozen(self, module: nn.Module) -> None:
+        """With `frozen_weights` other than fp32 (textual inversion only), freeze `module` and store its
+        weights in that dtype right after it is built, so the float32 copies of the frozen model never all
+        exist at once (the loaded checkpoint is rounded on copy; see ldm/modules/frozen_weights.py)."""
+        if self.frozen_weights != "fp32" and isinstance(module, nn.Module):
+            freeze(module)
+            store_frozen_weights(module, FROZEN_DTYPES[self.frozen_weights])
 
     # -- schedule ------------------------------------------------------------------------------------
 
@@ -305,6 +322,8 @@ class LatentDiffusion(DDPM):
             conditioning_key = "concat" if concat_mode else "crossattn"
         if cond_stage_config == "__is_unconditional__":
             conditioning_key = None
+        if kwargs.get("frozen_weights", "fp32") != "fp32" and personalization_config is None:
+            raise ValueError("frozen_weights other than fp32 needs a personalization_config (textual inversion)")
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", ())
         super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
@@ -321,6 +340,8 @@ class LatentDiffusion(DDPM):
             self.scale_factor = scale_factor
         self.instantiate_first_stage(first_stage_config)
         self.instantiate_cond_stage(cond_stage_config)
+        self.store_if_frozen(self.first_stage_model)
+        self.store_if_frozen(self.cond_stage_model)
         self.cond_stage_forward = cond_stage_forward
         self.clip_denoised = False
         self.restarted_from_ckpt = False
