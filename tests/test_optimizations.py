@@ -109,6 +109,7 @@ def test_frozen_weights_config_stores_while_building_and_rejects_trainable_model
     assert model.model.diffusion_model.input_blocks[0][0].weight.dtype == torch.bfloat16
     assert model.cond_stage_model.transformer.token_emb.weight.dtype == torch.bfloat16
     assert model.embedding_manager.string_to_param_dict["*"].dtype == torch.float32
+    assert model.embedding_manager.initial_embeddings["*"].dtype == torch.float32
     cfg.model.params.unfreeze_model = True
     with pytest.raises(ValueError, match="unfreeze_model"):
         instantiate_from_config(cfg.model)

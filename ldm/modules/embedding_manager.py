@@ -169,9 +169,9 @@ class EmbeddingManager(nn.Module):
             if idx < len(initializer_words):
                 init_token = token_of(initializer_words[idx])
                 with torch.no_grad():
-                    init = token_table.weight[init_token].detach().clone()
+                    init = token_table.weight[init_token].detach().float()  # float32 even over bf16 weights
                     if position0 is not None:
-                        init = init + position0.detach()
+                        init = init + position0.detach().float()
                 vectors = init.unsqueeze(0).repeat(num_vectors_per_token, 1)
                 self.initial_embeddings[placeholder] = nn.Parameter(vectors.clone(), requires_grad=False)
             else:
