@@ -87,12 +87,8 @@ class DDPM(pl.LightningModule):
         learn_logvar: bool = False,
         logvar_init: float = 0.0,
         frozen_weights: str = "fp32",
-        high_noise_weight: float = 1.0,
     ):
         super().__init__()
-        if high_noise_weight < 1.0:
-            raise ValueError(f"high_noise_weight must be >= 1 (1 = the official uniform weighting), got {high_noise_weight}")
-        self.high_noise_weight = high_noise_weight
         if frozen_weights not in FROZEN_DTYPES:
             raise ValueError(f"frozen_weights must be one of {list(FROZEN_DTYPES)}, got '{frozen_weights}'")
         if frozen_weights != "fp32" and unfreeze_model:
@@ -233,22 +229,13 @@ class DDPM(pl.LightningModule):
         """Uniform t in [0, T) per sample, on the model's device (the reference's draw)."""
         return torch.randint(0, self.num_timesteps, (batch_size,), device=self.device).long()
 
-    def timestep_weight(self, t: torch.Tensor) -> torch.Tensor | float:
-        """Extension (1 = official): weight (1 - abar_t) / abar_t, the x0-error scale of the eps error,
-        clamped to [1, high_noise_weight]. The eps loss hardly rewards the layout, decided at high noise
-        (a small model then never learns "on the left"); this raises high-noise steps, never lowers others."""
-        if self.high_noise_weight == 1.0:
-            return 1.0
-        abar = self.alphas_cumprod[t]
-        return ((1 - abar) / abar).clamp(1.0, self.high_noise_weight)
-
     def diffusion_loss(self, model_output, target, t, prefix):
         """The ldm objective from the per-element error; returns (loss, loss_dict)."""
         loss_dict = {}
         per_sample = self.get_loss(model_output, target, mean=False).mean(dim=list(range(1, target.ndim)))
         loss_dict[f"{prefix}/loss_simple"] = per_sample.mean()
         logvar_t = self.logvar[t]
-        loss = per_sample * self.timestep_weight(t) / torch.exp(logvar_t) + logvar_t
+        loss = per_sample / torch.exp(logvar_t) + logvar_t
         if self.learn_logvar:
             loss_dict[f"{prefix}/loss_gamma"] = loss.mean()
             loss_dict["logvar"] = self.logvar.data.mean()
