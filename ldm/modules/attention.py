@@ -178,23 +178,15 @@ class SpatialTransformer(nn.Module):
 
     x [B, C, H, W] -> norm -> proj_in (1x1 conv to n_heads*d_head) -> [B, H*W, inner] -> `depth` blocks
     -> back to [B, inner, H, W] -> proj_out (zero-initialised 1x1 conv to C) -> + x.
-
-    `pos_emb_size` (an extension, off in every official config): a learned, zero-initialised absolute
-    position embedding [1, inner, size, size] added after proj_in. The official transformer has no position
-    signal but the convolutions' zero padding, from which a small model learns "on the left" very slowly.
     """
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
-                 context_dim: int | None = None, pos_emb_size: int | None = None):
+                 context_dim: int | None = None):
         super().__init__()
         self.in_channels = in_channels
         inner_dim = n_heads * d_head
         self.norm = Normalize(in_channels)
         self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1, stride=1, padding=0)
-        if pos_emb_size is None:
-            self.register_parameter("pos_emb", None)
-        else:
-            self.pos_emb = nn.Parameter(torch.zeros(1, inner_dim, pos_emb_size, pos_emb_size))
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim)
              for _ in range(depth)]
@@ -205,8 +197,6 @@ class SpatialTransformer(nn.Module):
         b, _, h, w = x.shape
         x_in = x
         x = self.proj_in(self.norm(x))
-        if self.pos_emb is not None:
-            x = x + self.pos_emb
         x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # [B, H*W, inner], contiguous as in ldm
         for block in self.transformer_blocks:
             x = block(x, context=context)

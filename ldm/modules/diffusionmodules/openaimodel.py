@@ -283,7 +283,7 @@ class QKVAttention(nn.Module):
 class UNetModel(nn.Module):
     """The full UNet with attention and timestep embedding.
 
-    :param image_size: input size (used only by `spatial_pos_emb`).
+    :param image_size: nominal input size (stored, unused).
     :param in_channels: channels of x. :param out_channels: channels of the output.
     :param model_channels: base channel count.
     :param num_res_blocks: residual blocks per resolution.
@@ -308,8 +308,6 @@ class UNetModel(nn.Module):
     :param context_dim: width of the cross-attention context.
     :param n_embed: if set, predict codebook ids with `id_predictor` instead of `out`.
     :param legacy: ldm's head-width rule (see below); only changes the `AttentionBlock` path.
-    :param spatial_pos_emb: extension, off in the official configs: a learned absolute position embedding in
-        every `SpatialTransformer` (the bundled toy model needs it to learn "on the left").
     """
 
     def __init__(
@@ -338,7 +336,6 @@ class UNetModel(nn.Module):
         context_dim: int | None = None,
         n_embed: int | None = None,
         legacy: bool = True,
-        spatial_pos_emb: bool = False,
     ):
         super().__init__()
         if use_spatial_transformer and context_dim is None:
@@ -394,8 +391,8 @@ class UNetModel(nn.Module):
             if legacy:
                 dim_head = ch // heads if use_spatial_transformer else num_head_channels
             if use_spatial_transformer:
-                layer = SpatialTransformer(ch, heads, dim_head, depth=transformer_depth, context_dim=context_dim,
-                                           pos_emb_size=image_size // ds if spatial_pos_emb else None)
+                layer = SpatialTransformer(ch, heads, dim_head, depth=transformer_depth,
+                                           context_dim=context_dim)
             else:
                 layer = AttentionBlock(ch, use_checkpoint=use_checkpoint,
                                        num_heads=num_heads_upsample if upsample else heads,
