@@ -60,3 +60,4 @@ def test_demo_inverts_ten_steps_on_the_bundled_model(tmp_path):
     sheet = Image.open(tmp_path / "contact_sheet.png")
     rows = 1 + len(toy_demo.PROMPTS)  # the training images, then one row per prompt
     assert sheet.height > rows * 32 and sheet.width > 5 * 32
+
