@@ -40,9 +40,9 @@ from ldm.models.diffusion.textual_inversion import (
 )
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.ema import LitEma
 from ldm.modules.frozen_weights import DTYPES as FROZEN_DTYPES
 from ldm.modules.frozen_weights import store_frozen_weights
-from ldm.modules.ema import LitEma
 from ldm.util import count_params, default, images_from_batch, instantiate_from_config, log_txt_as_img
 
 logger = logging.getLogger(__name__)
