@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TI_SHARED_DIR", REPO.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
 
 
 def load_script(name: str):
@@ -21,8 +23,6 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-SHARED = Path(os.environ.get("TI_SHARED_DIR", REPO.parent / "shared"))
-FIXTURES = SHARED / "fixtures"
 
 
 def fixture_path(*parts: str) -> Path:

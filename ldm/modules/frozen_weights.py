@@ -43,7 +43,8 @@ class _Conv2d(torch.autograd.Function):
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         shape, stride, padding, dilation, groups = ctx.conf
-        grad_x = torch.nn.grad.conv2d_input(shape, weight.to(grad.dtype), grad, stride, padding, dilation, groups)
+        weight = weight.to(grad.dtype)
+        grad_x = torch.nn.grad.conv2d_input(shape, weight, grad, stride, padding, dilation, groups)
         return grad_x, None, None, None, None, None, None
 
 
@@ -67,7 +68,10 @@ _STORED = {nn.Linear: StoredLinear, nn.Conv2d: StoredConv2d, nn.Embedding: Store
 
 
 def _convertible(module: nn.Module) -> bool:
+    """A plain Linear/Conv2d/Embedding whose weight (and bias) are frozen and whose call we can reproduce."""
     if type(module) not in _STORED or module.weight.requires_grad:
+        return False
+    if getattr(module, "bias", None) is not None and module.bias.requires_grad:
         return False
     if isinstance(module, nn.Conv2d):
         return module.padding_mode == "zeros" and not isinstance(module.padding, str)
@@ -84,7 +88,7 @@ def store_frozen_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) 
         return 0
     converted = 0
     for module in model.modules():
-        if not _convertible(module) or (getattr(module, "bias", None) is not None and module.bias.requires_grad):
+        if not _convertible(module):
             continue
         module.__class__ = _STORED[type(module)]
         module.weight.data = module.weight.data.to(dtype)
