@@ -190,7 +190,8 @@ def load_state_dict_into(
 ) -> LoadReport:
     """Load a checkpoint into `model` strictly, after the named fix-ups.
 
-    `ignore_keys`: key prefixes of the checkpoint to drop first (the ldm `ignore_keys` option).
+    `ignore_keys`: key prefixes of the checkpoint to drop first (the ldm `ignore_keys` option); the model keeps
+    its own values for them (e.g. a new noise schedule over old weights).
     `allow_missing`: key prefixes of the model that the checkpoint may lack.
     `source_name`: how to name an in-memory state dict in messages.
     Raises `CheckpointMismatchError` naming unexpected keys, missing keys and shape mismatches.
@@ -209,7 +210,7 @@ def load_state_dict_into(
 
     unexpected = sorted(set(sd) - model_keys)
     missing = sorted(model_keys - set(sd))
-    missing_bad = [k for k in missing if not _match(k, allow_missing)]
+    missing_bad = [k for k in missing if not _match(k, allow_missing + ignore_keys)]
     shape_bad = [
         f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
         for k in sorted(model_keys & set(sd))

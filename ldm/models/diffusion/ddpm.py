@@ -26,7 +26,12 @@ from torch import nn
 
 from ldm.checkpoint import load_state_dict_into, read_state_dict
 from ldm.models.autoencoder import AutoencoderKL
-from ldm.models.diffusion.ddpm_schedule import SCHEDULE_BUFFERS, lvlb_weights, schedule_table
+from ldm.models.diffusion.ddpm_schedule import (
+    PARAMETERIZATIONS,
+    SCHEDULE_BUFFERS,
+    lvlb_weights,
+    schedule_table,
+)
 from ldm.models.diffusion.latent_cache import LatentCache
 from ldm.models.diffusion.textual_inversion import (
     REG_FORMS,
@@ -93,8 +98,8 @@ class DDPM(pl.LightningModule):
             raise ValueError(f"frozen_weights must be one of {list(FROZEN_DTYPES)}, got '{frozen_weights}'")
         if frozen_weights != "fp32" and unfreeze_model:
             raise ValueError(f"frozen_weights={frozen_weights} stores frozen weights; unfreeze_model trains them")
-        if parameterization not in ("eps", "x0"):
-            raise ValueError(f"parameterization must be 'eps' or 'x0', got '{parameterization}'")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got '{parameterization}'")
         if loss_type not in ("l1", "l2"):
             raise ValueError(f"loss_type must be 'l1' or 'l2', got '{loss_type}'")
         if scheduler_config is not None:
@@ -206,6 +211,30 @@ class DDPM(pl.LightningModule):
         return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
                 - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
 
+    def get_v(self, x_start, noise, t):
+        """The v-prediction target (Salimans & Ho 2022): sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * noise
+                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * x_start)
+
+    def training_target(self, x_start, noise, t):
+        """What the network learns to output at (x_t, t): eps, x_0 or v, by `parameterization`."""
+        if self.parameterization == "eps":
+            return noise
+        return x_start if self.parameterization == "x0" else self.get_v(x_start, noise, t)
+
+    def eps_from_output(self, x_t, t, output):
+        """The noise estimate implied by a network output at (x_t, t), whatever the parameterization.
+
+        The samplers work in eps; for eps models this is the identity (the reference's samplers assumed it).
+        """
+        if self.parameterization == "eps":
+            return output
+        sqrt_a = extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape)
+        sqrt_one_minus_a = extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
+        if self.parameterization == "x0":
+            return (x_t - sqrt_a * output) / sqrt_one_minus_a
+        return sqrt_a * output + sqrt_one_minus_a * x_t
+
     def q_posterior(self, x_start, x_t, t):
         mean = (extract_into_tensor(self.posterior_mean_coef1, t, x_t.shape) * x_start
                 + extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t)
@@ -249,7 +278,7 @@ class DDPM(pl.LightningModule):
     def p_losses(self, x_start, t, noise=None):
         noise = default(noise, lambda: torch.randn_like(x_start))
         model_out = self.model(self.q_sample(x_start, t, noise), t)
-        target = noise if self.parameterization == "eps" else x_start
+        target = self.training_target(x_start, noise, t)
         return self.diffusion_loss(model_out, target, t, "train" if self.training else "val")
 
     def forward(self, x, *args, t=None, noise=None, **kwargs):
@@ -525,7 +554,7 @@ class LatentDiffusion(DDPM):
         """The ldm objective (spec 5.7) plus the optional embedding regulariser of Textual Inversion."""
         noise = default(noise, lambda: torch.randn_like(x_start))
         model_output = self.apply_model(self.q_sample(x_start, t, noise), t, cond)
-        target = noise if self.parameterization == "eps" else x_start
+        target = self.training_target(x_start, noise, t)
         prefix = "train" if self.training else "val"
         loss, loss_dict = self.diffusion_loss(model_output, target, t, prefix)
         if self.embedding_reg_weight > 0 and self.embedding_manager is not None:

@@ -27,6 +27,11 @@ SCHEDULE_BUFFERS = (
 )
 
 
+#: What the network predicts: the noise (the reference's default), the clean latent, or v (Salimans & Ho
+#: 2022, an extension: SD 2.x and the toy model use it).
+PARAMETERIZATIONS = ("eps", "x0", "v")
+
+
 def schedule_table(betas: np.ndarray, v_posterior: float = 0.0) -> dict[str, np.ndarray]:
     """All SCHEDULE_BUFFERS as float64 arrays of shape [T] from the betas (eq. 4, 6, 7 of Ho et al.).
 
@@ -57,13 +62,16 @@ def schedule_table(betas: np.ndarray, v_posterior: float = 0.0) -> dict[str, np.
 def lvlb_weights(buffers: dict[str, torch.Tensor], parameterization: str, faithful_x0: bool = True) -> torch.Tensor:
     """Per-timestep weights of the variational bound term, from the float32 buffers.
 
-    eps: beta^2 / (2 sigma^2 alpha (1 - abar)).  x0: 0.5 sqrt(abar) / (2 (1 - abar)); the reference wrote
+    eps: beta^2 / (2 sigma^2 alpha (1 - abar)).  v: the eps weight times abar, since an error d in v is an
+    error sqrt(abar) d in the implied eps.  x0: 0.5 sqrt(abar) / (2 (1 - abar)); the reference wrote
     `2. * 1 - abar` (operator precedence, spec B15) which `faithful_x0` keeps. Entry 0 (infinite, since
     the posterior variance is 0 there) is set to entry 1.
     """
     betas, abar = buffers["betas"], buffers["alphas_cumprod"]
-    if parameterization == "eps":
+    if parameterization in ("eps", "v"):
         w = betas**2 / (2 * buffers["posterior_variance"] * (1 - betas) * (1 - abar))
+        if parameterization == "v":
+            w = w * abar
     elif parameterization == "x0":
         denom = (2.0 * 1 - abar) if faithful_x0 else 2.0 * (1 - abar)
         w = 0.5 * torch.sqrt(abar) / denom

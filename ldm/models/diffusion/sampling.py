@@ -1,12 +1,14 @@
 """What the DDIM and PLMS samplers share: the step schedule, classifier-free guidance, the DDIM update.
 
-Sampler protocol (what a model must provide): `apply_model(x, t, cond)`, `alphas_cumprod`,
+Sampler protocol (what a model must provide): `apply_model(x, t, cond)`, `eps_from_output(x, t, output)`
+(the noise estimate implied by a network output: eps, x0 and v models all sample), `alphas_cumprod`,
 `alphas_cumprod_prev`, `sqrt_one_minus_alphas_cumprod`, `num_timesteps`, `device`, and `q_sample` for
 masked sampling. Nothing here names a device: tensors follow `model.device`.
 
 Numerics follow latent-diffusion@5a6571e `ddim.py`/`plms.py` (spec 6.1-6.4), including the fidelity
 quirks: the +1 step offset, a_prev[0] = abar_0, no clipping of x0, CFG as eps_u + s (eps_c - eps_u) in
-one batched pass (unconditional first), and one normal draw per step even when sigma is 0.
+one batched pass (unconditional first), and one normal draw per step even when sigma is 0. The reference
+treated every output as eps; x0 and v outputs are converted here.
 """
 
 from __future__ import annotations
@@ -123,7 +125,10 @@ class SamplerBase:
 
     def guided_eps(self, x, t, c, unconditional_guidance_scale=1.0, unconditional_conditioning=None,
                    score_corrector=None, corrector_kwargs=None):
-        """eps = eps_u + s (eps_c - eps_u), one batched model call with the unconditional half first."""
+        """eps = eps_u + s (eps_c - eps_u), one batched model call with the unconditional half first.
+
+        Guidance mixes the raw outputs (linear in eps for every parameterization), then converts to eps.
+        """
         scale, uc = unconditional_guidance_scale, unconditional_conditioning
         if uc is None or scale == 1.0:
             e_t = self.model.apply_model(x, t, c)
@@ -135,6 +140,7 @@ class SamplerBase:
                 c_in = torch.cat([uc, c])
             e_t_uncond, e_t = self.model.apply_model(x_in, t_in, c_in).chunk(2)
             e_t = e_t_uncond + scale * (e_t - e_t_uncond)
+        e_t = self.model.eps_from_output(x, t, e_t)
         if score_corrector is not None:
             if self.model.parameterization != "eps":
                 raise ValueError("score_corrector needs an eps-prediction model")
