@@ -6,8 +6,8 @@ notes' "small world":
 
 * shape: circle, square, triangle, star, plus ``UNNAMED_SHAPE`` ("ring"), which no caption ever names. The
   word "ring" is still in the vocabulary, so a placeholder experiment can use it as an (untrained) control
-  token; captions call a ring "shape" or "object", and about 10% of the named shapes get the same coarse
-  word, so a coarse initializer word exists.
+  token; captions call a ring "shape" or "object", and 40% of the named shapes get the same coarse word
+  (`P_COARSE`), so a coarse initializer word exists.
 * color (of the shape): red, green, blue, yellow. background: white, black, gray. The background never
   equals the shape's colour; with these lists the two sets are disjoint, and `sample_attributes` still
   enforces the rule so that extending a list cannot break it.
@@ -21,10 +21,13 @@ colour, position and background phrases are each dropped with probability `p_dro
 Randomness is always an argument (style guide P11): `render` is a pure function of its attributes and of
 the optional `rng` that draws the jitter, and item `i` of `ToyWorld` is a pure function of (seed, split, i).
 
-The unnamed shape is rarer than the named ones by default (`UNNAMED_PROB`): every ring is captioned with a
-coarse word, so with uniform shapes 71% of "shape"/"object" captions would show a ring and the initializer
-word would already mean "ring", leaving gate G2 (pseudo-word rate >= initializer rate + 0.3) out of reach.
-At 5%, rings are about 34% of the coarse captions.
+How often rings appear (`UNNAMED_PROB`) and how often named shapes get a coarse word (`P_COARSE`) set two
+things at once. Every ring is captioned with a coarse word, so the share of rings among "shape"/"object"
+captions, u / (u + (1 - u) p), is what the initializer word already means: with uniform shapes and p = 0.1 it
+would be 71%, leaving gate G2 (pseudo-word rate >= initializer rate + 0.3) out of reach. Rings must also be
+common enough for the model to learn to draw them (at u = 5% the holes came out faint). The defaults,
+u = 15% and p = 40%, put rings in about 31% of the coarse captions. (The first training stage of the bundled
+model used u = 5%, p = 10%; README, "The toy world and its model".)
 
 The vocabulary in ``assets/tokenizers/toy-world`` is generated from these lists:
 
@@ -83,7 +86,9 @@ ATTRIBUTE_VALUES: dict[str, list[str]] = {
 }
 
 #: Probability of the unnamed shape under the default world distribution (see the module docstring).
-UNNAMED_PROB = 0.05
+UNNAMED_PROB = 0.15
+#: Probability that a named shape is captioned with a coarse word instead of its name.
+P_COARSE = 0.4
 
 PREFIXES = ("", "a picture of ", "a photo of ")
 POSITION_PHRASES = {"left": "on the left", "right": "on the right", "center": "in the center"}
@@ -228,7 +233,7 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def caption(attrs: Attributes, rng: np.random.Generator, p_drop: float = 0.25, p_coarse: float = 0.1) -> str:
+def caption(attrs: Attributes, rng: np.random.Generator, p_drop: float = 0.25, p_coarse: float = P_COARSE) -> str:
     """A caption of `attrs`: "[a picture of ]a [red ]circle[ on the left][ on a white background]".
 
     Each bracketed attribute phrase is dropped with probability `p_drop`. A named shape is called "shape" or
@@ -298,7 +303,7 @@ class ToyWorld(Dataset):
         split: str = "train",
         shapes: Sequence[str] | None = None,
         p_drop: float = 0.25,
-        p_coarse: float = 0.1,
+        p_coarse: float = P_COARSE,
         unnamed_prob: float | None = UNNAMED_PROB,
         jitter: bool = True,
     ):
