@@ -89,6 +89,8 @@ def test_captions_name_the_rendered_attributes(items):
         assert UNNAMED_SHAPE not in item["caption"].split()
         if attrs.shape == UNNAMED_SHAPE:
             assert "shape" not in parse_caption(item["caption"]), item["caption"]
+        elif attrs.shape in tw.ALWAYS_NAMED:
+            assert parse_caption(item["caption"])["shape"] == attrs.shape, item["caption"]
         else:
             named += 1
             coarse_named += "shape" not in parse_caption(item["caption"])
@@ -189,3 +191,13 @@ def test_committed_scorer_recognises_fresh_renders():
     uint8 = tw.render(Attributes("triangle", "yellow", "black", "right"))
     result = scorer.score(uint8)
     assert [result[name]["value"][0] for name in ATTRIBUTE_VALUES] == ["triangle", "yellow", "black", "right"]
+
+
+def test_always_named_shapes_never_get_a_coarse_word():
+    circles = [a for a in (tw.sample_attributes(np.random.default_rng(i)) for i in range(200)) if a.shape == "circle"]
+    assert circles
+    for flag, named in ((tw.ALWAYS_NAMED, True), ((), False)):
+        captions = [tw.caption(a, np.random.default_rng(0), p_coarse=1.0, always_named=flag) for a in circles]
+        assert all(("circle" in c.split()) == named for c in captions), captions[:3]
+    with pytest.raises(ValueError, match="always_named"):
+        ToyWorld(always_named=["ring"])

@@ -6,8 +6,8 @@ notes' "small world":
 
 * shape: circle, square, triangle, star, plus ``UNNAMED_SHAPE`` ("ring"), which no caption ever names. The
   word "ring" is still in the vocabulary, so a placeholder experiment can use it as an (untrained) control
-  token; captions call a ring "shape" or "object", and 40% of the named shapes get the same coarse word
-  (`P_COARSE`), so a coarse initializer word exists.
+  token; captions call a ring "shape" or "object", and so do half of the captions of squares, triangles
+  and stars (`P_COARSE`), so a coarse initializer word exists. Circles are always named (`ALWAYS_NAMED`).
 * color (of the shape): red, green, blue, yellow. background: white, black, gray. The background never
   equals the shape's colour; with these lists the two sets are disjoint, and `sample_attributes` still
   enforces the rule so that extending a list cannot break it.
@@ -21,13 +21,17 @@ colour, position and background phrases are each dropped with probability `p_dro
 Randomness is always an argument (style guide P11): `render` is a pure function of its attributes and of
 the optional `rng` that draws the jitter, and item `i` of `ToyWorld` is a pure function of (seed, split, i).
 
-How often rings appear (`UNNAMED_PROB`) and how often named shapes get a coarse word (`P_COARSE`) set two
-things at once. Every ring is captioned with a coarse word, so the share of rings among "shape"/"object"
-captions, u / (u + (1 - u) p), is what the initializer word already means: with uniform shapes and p = 0.1 it
-would be 71%, leaving gate G2 (pseudo-word rate >= initializer rate + 0.3) out of reach. Rings must also be
-common enough for the model to learn to draw them (at u = 5% the holes came out faint). The defaults,
-u = 15% and p = 40%, put rings in about 31% of the coarse captions. (The first training stage of the bundled
-model used u = 5%, p = 10%; README, "The toy world and its model".)
+How the coarse words are spread decides what an inverted ring word can reach. Every ring is captioned with a
+coarse word, so the share of rings among "shape"/"object" captions is what the initializer word already
+means; gate G2 asks the pseudo-word to beat it by 0.3. A pseudo-word steers what the model decides early,
+from the words: the coarse outline (round, like "circle"). Whether a round thing has a hole is decided late,
+from the noisy image, with the odds the captions taught: if circles were also called "shape", a round
+"shape" would be a ring only u / (u + p P(circle)) of the time, and the best a word could do would sit about
+0.33 above the initializer (measured: 0.40 against 0.31). So circles are always named, and a round coarse
+shape is a ring, as a ring is a coarse outline every viewer knows with a detail that no word names. Rings are
+15% of the images (`UNNAMED_PROB`; at 5% the model drew their holes faintly) and the other shapes are coarse
+half of the time (`P_COARSE`), so rings are about 32% of the coarse captions. (The first training stage of
+the bundled model used u = 5%, p = 10% for every named shape; README, "The toy world and its model".)
 
 The vocabulary in ``assets/tokenizers/toy-world`` is generated from these lists:
 
@@ -87,8 +91,10 @@ ATTRIBUTE_VALUES: dict[str, list[str]] = {
 
 #: Probability of the unnamed shape under the default world distribution (see the module docstring).
 UNNAMED_PROB = 0.15
-#: Probability that a named shape is captioned with a coarse word instead of its name.
-P_COARSE = 0.4
+#: Probability that a named shape (but not one of ALWAYS_NAMED) is captioned with a coarse word.
+P_COARSE = 0.5
+#: Named shapes that are never captioned with a coarse word (see the module docstring).
+ALWAYS_NAMED = ("circle",)
 
 PREFIXES = ("", "a picture of ", "a photo of ")
 POSITION_PHRASES = {"left": "on the left", "right": "on the right", "center": "in the center"}
@@ -233,15 +239,17 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def caption(attrs: Attributes, rng: np.random.Generator, p_drop: float = 0.25, p_coarse: float = P_COARSE) -> str:
+def caption(attrs: Attributes, rng: np.random.Generator, p_drop: float = 0.25, p_coarse: float = P_COARSE,
+            always_named: Sequence[str] = ALWAYS_NAMED) -> str:
     """A caption of `attrs`: "[a picture of ]a [red ]circle[ on the left][ on a white background]".
 
     Each bracketed attribute phrase is dropped with probability `p_drop`. A named shape is called "shape" or
-    "object" with probability `p_coarse`; the unnamed shape always is. Always makes six draws from `rng`.
+    "object" with probability `p_coarse` unless it is one of `always_named`; the unnamed shape always is. Always
+    makes six draws from `rng`.
     """
     prefix = PREFIXES[rng.integers(len(PREFIXES))]
     keep_color, keep_position, keep_background = rng.random(3) >= p_drop
-    coarse = rng.random() < p_coarse or attrs.shape == UNNAMED_SHAPE
+    coarse = (rng.random() < p_coarse and attrs.shape not in always_named) or attrs.shape == UNNAMED_SHAPE
     coarse_word = COARSE_WORDS[rng.integers(len(COARSE_WORDS))]
     noun_phrase = ([attrs.color] if keep_color else []) + [coarse_word if coarse else attrs.shape]
     parts = [prefix + _article(noun_phrase[0]), *noun_phrase]
@@ -305,6 +313,7 @@ class ToyWorld(Dataset):
         p_drop: float = 0.25,
         p_coarse: float = P_COARSE,
         unnamed_prob: float | None = UNNAMED_PROB,
+        always_named: Sequence[str] = ALWAYS_NAMED,
         jitter: bool = True,
     ):
         if length < 1 or seed < 0 or size < 8:
@@ -313,6 +322,9 @@ class ToyWorld(Dataset):
         self.shapes = None if shapes is None else list(shapes)
         shape_probabilities(self.shapes, unnamed_prob)  # validates
         self.p_drop, self.p_coarse, self.unnamed_prob, self.jitter = p_drop, p_coarse, unnamed_prob, jitter
+        self.always_named = tuple(always_named)
+        if not set(self.always_named) <= set(NAMED_SHAPES):
+            raise ValueError(f"always_named must be named shapes {list(NAMED_SHAPES)}, got {list(always_named)}")
 
     def __len__(self) -> int:
         return self.length
@@ -327,7 +339,7 @@ class ToyWorld(Dataset):
     def __getitem__(self, index: int) -> dict:
         attrs, rng = self.attributes(index)
         pixels = render(attrs, self.size, rng if self.jitter else None)
-        text = caption(attrs, rng, self.p_drop, self.p_coarse)
+        text = caption(attrs, rng, self.p_drop, self.p_coarse, self.always_named)
         image = (pixels.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
         return {"image": image, "caption": text, "labels": attrs.labels}
 
