@@ -9,6 +9,7 @@ from 5 images balanced over colour, background and position, for every seed, wit
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from ldm.data.toy_world import write_concept_images  # noqa: E402
 from ldm.scripts_common import run_script  # noqa: E402
 from ldm.toy import gates  # noqa: E402
 from ldm.toy.scorer import load_scorer  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.util import atomic_write, instantiate_from_config  # noqa: E402
 
 CONCEPTS = {"ring": "ring", "star": "star"}  # concept shape -> its true word
 INIT_WORD = "shape"
@@ -53,10 +54,16 @@ def load_model(opt):
 
 
 def invert(opt, shape: str, seed: int) -> Path:
+    """Invert `shape` with main.py, or reuse an earlier inversion made from the same checkpoint and recipe."""
     out = Path(opt.out) / "inversions" / f"{shape}_seed{seed}"
-    emb = out / "embeddings.pt"
-    if emb.is_file():
+    emb, stamp = out / "embeddings.pt", out / "source.json"
+    ckpt = Path(opt.ckpt).resolve()
+    source = {"ckpt": str(ckpt), "ckpt_bytes": ckpt.stat().st_size, "ckpt_mtime_ns": ckpt.stat().st_mtime_ns,
+              "config": str(Path(opt.config).resolve()), "steps": opt.inversion_steps}
+    if emb.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == source:
         return emb
+    if out.exists():
+        shutil.rmtree(out)  # made from another checkpoint or recipe
     write_concept_images(out / "images", shape, n=5, seed=seed)
     code = train_main.main(["--base", opt.config, "-t", "--actual_resume", opt.ckpt, "-n", f"{shape}_{seed}",
                             "--data_root", str(out / "images"), "--logdir", str(out / "logs"), "--seed", str(seed),
@@ -65,8 +72,8 @@ def invert(opt, shape: str, seed: int) -> Path:
     if code:
         raise RuntimeError(f"inversion of {shape} (seed {seed}) failed")
     run = sorted((out / "logs").iterdir())[-1]
-    emb.parent.mkdir(parents=True, exist_ok=True)
-    emb.write_bytes((run / "checkpoints" / "embeddings.pt").read_bytes())
+    shutil.copyfile(run / "checkpoints" / "embeddings.pt", emb)
+    stamp.write_text(json.dumps(source))  # written last: its presence means the inversion finished
     return emb
 
 
@@ -109,8 +116,7 @@ def run(opt, overrides):
         if opt.stage in ("concepts", "all"):
             torch.set_grad_enabled(True)  # inversion trains
             report["concepts"] = {s: concept_report(opt, model, scorer, s) for s in opt.concepts}
-    Path(opt.out).mkdir(parents=True, exist_ok=True)
-    (Path(opt.out) / "gates.json").write_text(json.dumps(report, indent=1))
+    atomic_write(Path(opt.out) / "gates.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     print(json.dumps({k: v for k, v in report.items() if k != "concepts"}, indent=1))
     for shape, r in report.get("concepts", {}).items():
         print(f"{shape}: G2 {'pass' if r['G2']['pass'] else 'FAIL'} {r['G2']}; G3 {'pass' if r['G3']['pass'] else 'FAIL'}")
