@@ -10,10 +10,17 @@ from omegaconf import OmegaConf
 from ldm.util import get_obj_from_str, instantiate_from_config
 
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
+#: Partial configs merged on top of a base (`--base base.yaml overlay.yaml`), tested merged.
+OVERLAYS = {"configs/toy/ldm_stage1.yaml": "configs/toy/ldm.yaml"}
 
 TINY_UNET = {"model_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [1], "num_res_blocks": 1,
              "num_heads": 2, "context_dim": 16}
 TINY_DD = {"ch": 32, "ch_mult": [1, 1, 1, 2], "num_res_blocks": 1, "resolution": 64}
+
+
+def load(path):
+    cfg = OmegaConf.load(REPO / path)
+    return OmegaConf.merge(OmegaConf.load(REPO / OVERLAYS[path]), cfg) if path in OVERLAYS else cfg
 
 
 def targets(node):
@@ -54,7 +61,7 @@ def test_configs_found():
 
 @pytest.mark.parametrize("path", CONFIGS)
 def test_every_target_imports(path):
-    cfg = OmegaConf.load(REPO / path)
+    cfg = load(path)
     found = list(targets(cfg))
     assert found
     for t in found:
@@ -63,7 +70,7 @@ def test_every_target_imports(path):
 
 @pytest.mark.parametrize("path", CONFIGS)
 def test_builds_with_tiny_overrides(path):
-    cfg = tiny_model_config(OmegaConf.load(REPO / path))
+    cfg = tiny_model_config(load(path))
     torch.manual_seed(0)
     model = instantiate_from_config(cfg.model)
     if "unet_config" not in cfg.model.params:

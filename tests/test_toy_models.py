@@ -32,6 +32,17 @@ def test_toy_autoencoder_loads_strictly_and_keeps_attributes():
     assert all(v >= AE_MIN for v in acc.values()), acc
 
 
+def test_inversion_config_describes_the_bundled_model():
+    """invert.yaml must build the network of ldm.yaml: same schedule, parameterization and parts (a schedule or
+    parameterization mismatch would load without error, since neither changes a tensor's shape)."""
+    base, invert = (OmegaConf.load(REPO / "configs" / "toy" / f"{n}.yaml").model.params for n in ("ldm", "invert"))
+    invert_only = {"personalization_config", "embedding_reg_weight"}
+    assert set(invert) - set(base) == invert_only
+    del base.first_stage_config.params.ckpt_path  # training the base model starts from the autoencoder file
+    for key in base:
+        assert invert[key] == base[key], key
+
+
 def test_toy_ldm_loads_strictly_and_follows_a_prompt():
     cfg = OmegaConf.load(REPO / "configs" / "toy" / "ldm.yaml")
     cfg.model.params.ckpt_path = str(LDM)  # strict, through ldm.checkpoint
@@ -61,3 +72,16 @@ def test_demo_inverts_ten_steps_on_the_bundled_model(tmp_path):
     rows = 1 + len(toy_demo.PROMPTS)  # the training images, then one row per prompt
     assert sheet.height > rows * 32 and sheet.width > 5 * 32
 
+
+
+def test_gates_reuse_an_inversion_only_from_the_same_checkpoint(tmp_path):
+    toy_gates = load_script("toy_gates")
+    ckpt = tmp_path / "toy_ldm.safetensors"
+    ckpt.write_bytes(LDM.read_bytes())
+    opt = toy_gates.parser().parse_args(["--ckpt", str(ckpt), "--inversion_steps", "2", "--out", str(tmp_path / "g")])
+    emb = toy_gates.invert(opt, "ring", seed=0)
+    first = emb.stat().st_mtime_ns
+    assert toy_gates.invert(opt, "ring", seed=0).stat().st_mtime_ns == first  # same source: reused
+    ckpt.write_bytes(LDM.read_bytes())  # a new file at the same path
+    assert toy_gates.invert(opt, "ring", seed=0).stat().st_mtime_ns != first  # inverted again
+    assert len(list((emb.parent / "logs").iterdir())) == 1  # the stale run was cleared

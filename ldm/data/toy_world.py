@@ -21,17 +21,13 @@ colour, position and background phrases are each dropped with probability `p_dro
 Randomness is always an argument (style guide P11): `render` is a pure function of its attributes and of
 the optional `rng` that draws the jitter, and item `i` of `ToyWorld` is a pure function of (seed, split, i).
 
-How the coarse words are spread decides what an inverted ring word can reach. Every ring is captioned with a
-coarse word, so the share of rings among "shape"/"object" captions is what the initializer word already
-means; gate G2 asks the pseudo-word to beat it by 0.3. A pseudo-word steers what the model decides early,
-from the words: the coarse outline (round, like "circle"). Whether a round thing has a hole is decided late,
-from the noisy image, with the odds the captions taught: if circles were also called "shape", a round
-"shape" would be a ring only u / (u + p P(circle)) of the time, and the best a word could do would sit about
-0.33 above the initializer (measured: 0.40 against 0.31). So circles are always named, and a round coarse
-shape is a ring, as a ring is a coarse outline every viewer knows with a detail that no word names. Rings are
-15% of the images (`UNNAMED_PROB`; at 5% the model drew their holes faintly) and the other shapes are coarse
-half of the time (`P_COARSE`), so rings are about 32% of the coarse captions. (The first training stage of
-the bundled model used u = 5%, p = 10% for every named shape; README, "The toy world and its model".)
+Every ring is captioned with a coarse word, so the share of rings among "shape"/"object" captions is what
+the initializer word already means, and gate G2 asks an inverted ring word to beat it by 0.3. With uniform
+shapes and every named shape coarse 10% of the time that share would be 71%. The defaults: rings are 15% of
+the images (`UNNAMED_PROB`; at 5% the model drew their holes faintly), squares, triangles and stars are
+coarse half of the time (`P_COARSE`) and circles never (`ALWAYS_NAMED`), so rings are about 32% of the coarse
+captions and a round coarse shape is always a ring. (The first training stage of the bundled model used
+u = 5%, p = 10% for every named shape; README, "The toy world and its model", has what each mix measured.)
 
 The vocabulary in ``assets/tokenizers/toy-world`` is generated from these lists:
 
