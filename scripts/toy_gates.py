@@ -58,7 +58,8 @@ def invert(opt, shape: str, seed: int) -> Path:
     out = Path(opt.out) / "inversions" / f"{shape}_seed{seed}"
     emb, stamp = out / "embeddings.pt", out / "source.json"
     ckpt = Path(opt.ckpt).resolve()
-    source = {"ckpt": str(ckpt), "ckpt_bytes": ckpt.stat().st_size, "ckpt_mtime_ns": ckpt.stat().st_mtime_ns,
+    stat = ckpt.stat()
+    source = {"ckpt": str(ckpt), "ckpt_bytes": stat.st_size, "ckpt_mtime_ns": stat.st_mtime_ns,
               "config": str(Path(opt.config).resolve()), "steps": opt.inversion_steps}
     if emb.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == source:
         return emb

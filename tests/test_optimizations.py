@@ -98,7 +98,7 @@ def test_bf16_frozen_weights_compute_in_fp32_with_rounded_weights(case):
     assert not torch.equal(loss, fp32_loss)  # the weights really are rounded
 
 
-def test_frozen_weights_config_stores_while_building_and_rejects_trainable_models(tmp_path):
+def test_frozen_weights_config_stores_while_building_and_rejects_trainable_models():
     from conftest import parity_config
 
     from ldm.util import instantiate_from_config

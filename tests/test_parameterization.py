@@ -15,7 +15,6 @@ from ldm.models.diffusion.plms import PLMSSampler
 from ldm.util import instantiate_from_config
 
 CONFIG = REPO / "configs" / "toy" / "tiny-demo.yaml"
-SCHEDULE_KEYS = ["betas", "alphas_cumprod", "sqrt_", "log_one_minus", "posterior_"]
 
 
 def build(parameterization="eps", seed=0, **params):
@@ -117,7 +116,7 @@ def test_ignore_keys_keep_the_models_own_schedule():
     old = build("eps", linear_end=0.012)
     new = build("v", seed=1, linear_end=0.03)
     new_betas = new.betas.clone()
-    load_state_dict_into(new, old.state_dict(), ignore_keys=SCHEDULE_KEYS)
+    load_state_dict_into(new, old.state_dict(), ignore_keys=SCHEDULE_BUFFERS)
     assert torch.equal(new.betas, new_betas) and not torch.equal(new.betas, old.betas)
     assert new.alphas_cumprod_prev[-1] == new.alphas_cumprod[-2]
     for name, value in old.model.state_dict().items():

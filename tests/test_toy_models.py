@@ -73,7 +73,6 @@ def test_demo_inverts_ten_steps_on_the_bundled_model(tmp_path):
     assert sheet.height > rows * 32 and sheet.width > 5 * 32
 
 
-
 def test_gates_reuse_an_inversion_only_from_the_same_checkpoint(tmp_path):
     toy_gates = load_script("toy_gates")
     ckpt = tmp_path / "toy_ldm.safetensors"
