@@ -28,6 +28,9 @@ from ldm.util import atomic_write, instantiate_from_config  # noqa: E402
 
 CONCEPTS = {"ring": "ring", "star": "star"}  # concept shape -> its true word
 INIT_WORD = "shape"
+#: Reported, not gated: phrases of trained words that describe a concept (the ring is a hollow circle, a
+#: combination no caption contains), to show what the model can compose without a new word.
+PHRASES = {"ring": "hollow circle"}
 
 
 def parser():
@@ -92,6 +95,8 @@ def concept_report(opt, model, scorer, shape: str) -> dict:
     pooled = {k: _mean_rates(v) for k, v in per_seed.items()}
     pooled["true"] = gates.concept_rates(model, scorer, CONCEPTS[shape], shape, opt.seeds, opt.samples)
     pooled["init"] = gates.concept_rates(model, scorer, INIT_WORD, shape, opt.seeds, opt.samples)
+    if shape in PHRASES:
+        pooled["phrase"] = gates.concept_rates(model, scorer, PHRASES[shape], shape, opt.seeds, opt.samples)
     return {"rates": pooled, "per_seed": per_seed, **gates.judge(pooled["pseudo"], pooled["true"], pooled["init"])}
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ldm.data import toy_world as tw
 from ldm.data.toy_world import ATTRIBUTE_VALUES, UNNAMED_SHAPE, Attributes, ToyWorld
+from ldm.toy import gates
 
 REPO = Path(__file__).resolve().parents[1]
 SCORER = REPO / "assets" / "toy" / "scorer.safetensors"
@@ -34,6 +35,7 @@ def _alternatives(words) -> str:
 CAPTION = re.compile(
     rf"^(?:{_alternatives(p for p in tw.PREFIXES if p)})?(?:a|an) "
     rf"(?:(?P<color>{_alternatives(tw.COLORS)}) )?"
+    rf"(?:(?P<fill>hollow) )?"
     rf"(?P<noun>{_alternatives((*tw.NAMED_SHAPES, *tw.COARSE_WORDS))})"
     rf"(?: (?P<position>{_alternatives(tw.POSITION_PHRASES.values())}))?"
     rf"(?: on a (?P<background>{_alternatives(tw.BACKGROUNDS)}) background)?$"
@@ -81,12 +83,14 @@ def test_dataset_items_are_pure_functions_of_seed_split_and_index():
 
 
 def test_captions_name_the_rendered_attributes(items):
-    coarse_named, named = 0, 0
+    coarse_named, named, hollow, hollow_said = 0, 0, 0, 0
     for item in items:
         attrs = Attributes.from_labels(item["labels"])
         for name, value in parse_caption(item["caption"]).items():
             assert value == getattr(attrs, name), (item["caption"], attrs)
-        assert UNNAMED_SHAPE not in item["caption"].split()
+        assert UNNAMED_SHAPE not in item["caption"].split() and "solid" not in item["caption"].split()
+        hollow += attrs.fill == "hollow"
+        hollow_said += "fill" in parse_caption(item["caption"])
         if attrs.shape == UNNAMED_SHAPE:
             assert "shape" not in parse_caption(item["caption"]), item["caption"]
         elif attrs.shape in tw.ALWAYS_NAMED:
@@ -95,6 +99,7 @@ def test_captions_name_the_rendered_attributes(items):
             named += 1
             coarse_named += "shape" not in parse_caption(item["caption"])
     assert abs(coarse_named / named - tw.P_COARSE) <= 0.05, coarse_named / named
+    assert 0.70 <= hollow_said / hollow <= 0.80, hollow_said / hollow
     kept = Counter(k for item in items for k in parse_caption(item["caption"]) if k != "shape")
     for name in ("color", "position", "background"):
         assert 0.70 <= kept[name] / len(items) <= 0.80, (name, kept[name] / len(items))
@@ -110,6 +115,39 @@ def test_rendered_pixels_show_the_labelled_attributes(items):
         column = np.nonzero(object_mask)[1].mean() / 32
         nearest = min(tw.POSITIONS, key=lambda p: abs(tw.POSITIONS[p] - column))
         assert nearest == attrs.position, (attrs, column)
+        centre = pixels[16, int(tw.POSITIONS[attrs.position] * 32)]  # in the hole of a hollow shape
+        to_background = np.abs(centre - tw.BACKGROUNDS[attrs.background]).max()
+        assert (to_background < np.abs(centre - tw.COLORS[attrs.color]).max()) == (attrs.fill == "hollow"), attrs
+
+
+def test_fill_rules_and_rates(items):
+    assert Attributes("ring", "red", "white", "left").fill == "hollow"
+    assert Attributes("square", "red", "white", "left").fill == "solid"
+    with pytest.raises(ValueError, match="cannot be hollow"):
+        Attributes("circle", "red", "white", "left", "hollow")
+    with pytest.raises(ValueError, match="always hollow"):
+        Attributes("ring", "red", "white", "left", "solid")
+    objects = [Attributes.from_labels(item["labels"]) for item in items]
+    hollowable = [a for a in objects if a.shape in tw.HOLLOWABLE]
+    rate = sum(a.fill == "hollow" for a in hollowable) / len(hollowable)
+    assert abs(rate - tw.HOLLOW_PROB) <= 0.05, rate
+    with pytest.raises(ValueError, match="hollow_prob"):
+        ToyWorld(hollow_prob=1.5)
+
+
+def test_a_world_without_hollow_named_shapes_is_the_one_before_fills():
+    """Stages 1 and 2 of the bundled model were trained before fills existed: with hollow_prob=0 the world
+    must draw exactly what it drew then (these captions were produced by that code), and never say "hollow"
+    (it would name the ring)."""
+    world = ToyWorld(seed=1, length=400, unnamed_prob=0.05, p_coarse=0.1, always_named=[], hollow_prob=0)
+    assert [world[i]["caption"] for i in range(4)] == [
+        "a photo of a red circle on the left", "a photo of a circle on the left",
+        "a blue triangle on the right on a black background",
+        "a picture of a square on the right on a white background"]
+    objects = [world.attributes(i)[0] for i in range(len(world))]
+    assert any(a.shape == UNNAMED_SHAPE for a in objects)
+    assert all(a.fill == "solid" for a in objects if a.shape != UNNAMED_SHAPE)
+    assert all("hollow" not in world[i]["caption"].split() for i in range(len(world)))
 
 
 def test_background_never_equals_the_object_colour(items, monkeypatch):
@@ -140,7 +178,8 @@ def test_every_caption_and_edit_prompt_is_one_known_token_per_word(items):
     tokenizer = BertTokenizerFast.from_pretrained(str(tw.VOCAB_FOLDER))
     prompts = [item["caption"] for item in items]
     prompts += ["a * on the left", "a red *", "a * on a blue background", f"a photo of a {UNNAMED_SHAPE}"]
-    prompts += [" ".join(values) for values in ATTRIBUTE_VALUES.values()]
+    prompts += [" ".join(v for v in values if v != "solid") for values in ATTRIBUTE_VALUES.values()]  # never said
+    prompts += [gates.full_prompt(a) for a in gates.g1_cases()]
     for text, ids in zip(prompts, tokenizer(prompts)["input_ids"], strict=True):
         assert tokenizer.unk_token_id not in ids, text
         assert len(ids) == len(text.split()) + 2, (text, tokenizer.convert_ids_to_tokens(ids))
@@ -190,7 +229,11 @@ def test_committed_scorer_recognises_fresh_renders():
         assert value >= 0.95, (name, value)
     uint8 = tw.render(Attributes("triangle", "yellow", "black", "right"))
     result = scorer.score(uint8)
-    assert [result[name]["value"][0] for name in ATTRIBUTE_VALUES] == ["triangle", "yellow", "black", "right"]
+    assert [result[name]["value"][0] for name in ATTRIBUTE_VALUES] == ["triangle", "yellow", "black", "right",
+                                                                       "solid"]
+    result = scorer.score(tw.render(Attributes("square", "blue", "white", "left", "hollow")))
+    assert [result[name]["value"][0] for name in ATTRIBUTE_VALUES] == ["square", "blue", "white", "left",
+                                                                       "hollow"]
 
 
 def test_always_named_shapes_never_get_a_coarse_word():

@@ -12,11 +12,18 @@ notes' "small world":
   equals the shape's colour; with these lists the two sets are disjoint, and `sample_attributes` still
   enforces the rule so that extending a list cannot break it.
 * position: left, right, center. Big shapes only, no texture.
+* fill: solid, or hollow (a hole of the same shape at half size, in the background colour). The ring is a
+  hollow disc, so it is always hollow and a circle never is; squares and triangles are hollow with
+  probability `HOLLOW_PROB`, stars never (their arms are too thin for a hole at 32x32). Captions say
+  "hollow" (never "solid"), so the unnamed ring is a composition of words the captions do use: round like a
+  circle, hollow like a hollow square. Without hollow named shapes (`hollow_prob=0`) "hollow" would name
+  the ring, so captions then never say it.
 
 Images are drawn at 4x the output size with PIL and box-filtered down (about 0.5 ms per 32x32 image).
-Captions follow one template, e.g. "a picture of a red circle on the left on a white background"; the
-colour, position and background phrases are each dropped with probability `p_drop`, and the prefix is one of
-"", "a picture of ", "a photo of " (so the edit prompts "a red *", "a * on the left" are in distribution).
+Captions follow one template, e.g. "a picture of a red hollow square on the left on a white background";
+the colour, fill, position and background phrases are each dropped with probability `p_drop`, and the prefix
+is one of "", "a picture of ", "a photo of " (so the edit prompts "a red *", "a * on the left" are in
+distribution).
 
 Randomness is always an argument (style guide P11): `render` is a pure function of its attributes and of
 the optional `rng` that draws the jitter, and item `i` of `ToyWorld` is a pure function of (seed, split, i).
@@ -26,8 +33,9 @@ the initializer word already means, and gate G2 asks an inverted ring word to be
 shapes and every named shape coarse 10% of the time that share would be 71%. The defaults: rings are 15% of
 the images (`UNNAMED_PROB`; at 5% the model drew their holes faintly), squares, triangles and stars are
 coarse half of the time (`P_COARSE`) and circles never (`ALWAYS_NAMED`), so rings are about 32% of the coarse
-captions and a round coarse shape is always a ring. (The first training stage of the bundled model used
-u = 5%, p = 10% for every named shape; README, "The toy world and its model", has what each mix measured.)
+captions and a round coarse shape is always a ring. (The first two training stages of the bundled model had
+no hollow named shapes and the first used u = 5%, p = 10% for every named shape; README, "The toy world and
+its model", has what each mix measured.)
 
 The vocabulary in ``assets/tokenizers/toy-world`` is generated from these lists:
 
@@ -70,6 +78,10 @@ NAMED_SHAPES = ("circle", "square", "triangle", "star")
 UNNAMED_SHAPE = "ring"  # never named in a caption; in the vocabulary as an untrained control word
 SHAPES = (*NAMED_SHAPES, UNNAMED_SHAPE)
 COARSE_WORDS = ("shape", "object")
+FILLS = ("solid", "hollow")
+#: The shapes that may be hollow or solid; the ring is always hollow, every other shape always solid.
+HOLLOWABLE = ("square", "triangle")
+HOLE_SCALE = 0.5  # the hole's size relative to the shape
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 40)}
 BACKGROUNDS = {"white": (240, 240, 240), "black": (20, 20, 20), "gray": (128, 128, 128)}
@@ -83,6 +95,7 @@ ATTRIBUTE_VALUES: dict[str, list[str]] = {
     "color": list(COLORS),
     "background": list(BACKGROUNDS),
     "position": list(POSITIONS),
+    "fill": list(FILLS),
 }
 
 #: Probability of the unnamed shape under the default world distribution (see the module docstring).
@@ -91,6 +104,8 @@ UNNAMED_PROB = 0.15
 P_COARSE = 0.5
 #: Named shapes that are never captioned with a coarse word (see the module docstring).
 ALWAYS_NAMED = ("circle",)
+#: Probability that a square or triangle is hollow (see the module docstring).
+HOLLOW_PROB = 0.5
 
 PREFIXES = ("", "a picture of ", "a photo of ")
 POSITION_PHRASES = {"left": "on the left", "right": "on the right", "center": "in the center"}
@@ -111,19 +126,29 @@ VOCAB_FOLDER = Path(__file__).resolve().parents[2] / "assets" / "tokenizers" / "
 
 @dataclass(frozen=True)
 class Attributes:
-    """One object in the world: its shape, its colour, the background colour and where it stands."""
+    """One object in the world: its shape, its colour, the background colour, where it stands and its fill.
+
+    `fill=None` means the shape's usual fill: hollow for the ring, solid for the others.
+    """
 
     shape: str
     color: str
     background: str
     position: str
+    fill: str | None = None
 
     def __post_init__(self):
+        if self.fill is None:
+            object.__setattr__(self, "fill", "hollow" if self.shape == UNNAMED_SHAPE else "solid")
         for name, value in self.as_dict().items():
             if value not in ATTRIBUTE_VALUES[name]:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {ATTRIBUTE_VALUES[name]}")
         if self.color == self.background:
             raise ValueError(f"the background must differ from the shape's colour (both {self.color!r})")
+        if self.fill == "hollow" and self.shape not in (*HOLLOWABLE, UNNAMED_SHAPE):
+            raise ValueError(f"a {self.shape} cannot be hollow; hollow shapes: {[*HOLLOWABLE, UNNAMED_SHAPE]}")
+        if self.shape == UNNAMED_SHAPE and self.fill != "hollow":
+            raise ValueError(f"the {UNNAMED_SHAPE} is always hollow")
 
     def as_dict(self) -> dict[str, str]:
         return {name: getattr(self, name) for name in ATTRIBUTE_VALUES}
@@ -165,18 +190,24 @@ def sample_attributes(
     rng: np.random.Generator,
     shapes: Sequence[str] | None = None,
     unnamed_prob: float | None = UNNAMED_PROB,
+    hollow_prob: float = HOLLOW_PROB,
 ) -> Attributes:
-    """Draw one object: shape from `shape_probabilities`, colour, background (never the colour), position.
+    """Draw one object: shape from `shape_probabilities`, colour, background (never the colour), position,
+    and a square or triangle (`HOLLOWABLE`) is hollow with probability `hollow_prob`.
 
-    Always makes four draws from `rng`, in that order.
+    Makes four draws from `rng` in that order, then the fill draw only when `hollow_prob > 0` (so a world
+    without hollow named shapes draws exactly what it drew before fills existed).
     """
+    if not 0.0 <= hollow_prob <= 1.0:
+        raise ValueError(f"hollow_prob must be in [0, 1], got {hollow_prob}")
     names, probs = shape_probabilities(shapes, unnamed_prob)
     shape = names[rng.choice(len(names), p=probs)]
     color = ATTRIBUTE_VALUES["color"][rng.integers(len(COLORS))]
     allowed = [b for b in ATTRIBUTE_VALUES["background"] if b != color]
     background = allowed[rng.integers(len(allowed))]
     position = ATTRIBUTE_VALUES["position"][rng.integers(len(POSITIONS))]
-    return Attributes(shape, color, background, position)
+    hollow = hollow_prob > 0 and rng.random() < hollow_prob and shape in HOLLOWABLE
+    return Attributes(shape, color, background, position, "hollow" if hollow else None)
 
 
 def render(attrs: Attributes, size: int = 32, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -193,19 +224,19 @@ def render(attrs: Attributes, size: int = 32, rng: np.random.Generator | None = 
         angle = rng.uniform(-JITTER_ANGLE, JITTER_ANGLE)
     image = Image.new("RGB", (big, big), BACKGROUNDS[attrs.background])
     center = (POSITIONS[attrs.position] * big + dx, 0.5 * big + dy)
-    draw_shape(ImageDraw.Draw(image), attrs.shape, center, SHAPE_RADIUS * big * scale, angle,
-               COLORS[attrs.color], BACKGROUNDS[attrs.background])
+    draw, radius = ImageDraw.Draw(image), SHAPE_RADIUS * big * scale
+    outline = "circle" if attrs.shape == UNNAMED_SHAPE else attrs.shape  # the ring is a hollow disc
+    draw_shape(draw, outline, center, radius, angle, COLORS[attrs.color])
+    if attrs.fill == "hollow":
+        draw_shape(draw, outline, center, HOLE_SCALE * radius, angle, BACKGROUNDS[attrs.background])
     return np.asarray(image.resize((size, size), Image.Resampling.BOX))
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, center, radius: float, angle: float, fill, background):
-    """Draw one filled shape of nominal `radius` (pixels) centred at `center`, rotated by `angle` degrees."""
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, center, radius: float, angle: float, fill):
+    """Draw one filled named shape of nominal `radius` (pixels) at `center`, rotated by `angle` degrees."""
     cx, cy = center
-    if shape in ("circle", "ring"):
+    if shape == "circle":
         draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
-        if shape == "ring":  # the hole is painted over with the background colour
-            hole = 0.5 * radius
-            draw.ellipse((cx - hole, cy - hole, cx + hole, cy + hole), fill=background)
         return
     if shape == "square":  # half-diagonal 0.9 * sqrt(2) r: about the circle's area
         points = _polygon(center, [0.9 * math.sqrt(2) * radius] * 4, -45.0 + angle)
@@ -236,18 +267,21 @@ def _article(word: str) -> str:
 
 
 def caption(attrs: Attributes, rng: np.random.Generator, p_drop: float = 0.25, p_coarse: float = P_COARSE,
-            always_named: Sequence[str] = ALWAYS_NAMED) -> str:
-    """A caption of `attrs`: "[a picture of ]a [red ]circle[ on the left][ on a white background]".
+            always_named: Sequence[str] = ALWAYS_NAMED, name_fill: bool = True) -> str:
+    """A caption of `attrs`: "[a picture of ]a [red ][hollow ]square[ on the left][ on a white background]".
 
-    Each bracketed attribute phrase is dropped with probability `p_drop`. A named shape is called "shape" or
-    "object" with probability `p_coarse` unless it is one of `always_named`; the unnamed shape always is. Always
-    makes six draws from `rng`.
+    Each bracketed attribute phrase is dropped with probability `p_drop`; "hollow" is said only for hollow
+    objects and only with `name_fill`. A named shape is called "shape" or "object" with probability
+    `p_coarse` unless it is one of `always_named`; the unnamed shape always is. Makes six draws from `rng`,
+    and a seventh for a hollow object with `name_fill`.
     """
     prefix = PREFIXES[rng.integers(len(PREFIXES))]
     keep_color, keep_position, keep_background = rng.random(3) >= p_drop
     coarse = (rng.random() < p_coarse and attrs.shape not in always_named) or attrs.shape == UNNAMED_SHAPE
     coarse_word = COARSE_WORDS[rng.integers(len(COARSE_WORDS))]
-    noun_phrase = ([attrs.color] if keep_color else []) + [coarse_word if coarse else attrs.shape]
+    keep_fill = name_fill and attrs.fill == "hollow" and rng.random() >= p_drop
+    noun_phrase = ([attrs.color] if keep_color else []) + (["hollow"] if keep_fill else [])
+    noun_phrase.append(coarse_word if coarse else attrs.shape)
     parts = [prefix + _article(noun_phrase[0]), *noun_phrase]
     if keep_position:
         parts.append(POSITION_PHRASES[attrs.position])
@@ -263,6 +297,7 @@ def vocabulary() -> list[str]:
     phrases = [
         "a an", *PREFIXES, *NAMED_SHAPES, UNNAMED_SHAPE, *COARSE_WORDS, *COLORS,
         *POSITION_PHRASES.values(), BACKGROUND_TEMPLATE.format(article="a", background=""), *BACKGROUNDS,
+        "hollow",  # last: added after stages 1 and 2 of the bundled model, whose token ids must not move
     ]
     words = list(SPECIAL_TOKENS) + list(PUNCTUATION)
     for phrase in phrases:
@@ -295,8 +330,8 @@ class ToyWorld(Dataset):
 
     Items are dicts: "image" float32 [size, size, 3] in [-1, 1], "caption" str, "labels" {attribute: int}
     (indices into `ATTRIBUTE_VALUES`). `shapes` restricts the shapes drawn (default: all, with the unnamed one
-    at `unnamed_prob`; None makes the listed shapes equally likely). `jitter=False` renders every object at
-    its canonical place, size and angle.
+    at `unnamed_prob`; None makes the listed shapes equally likely); squares and triangles are hollow with
+    probability `hollow_prob`. `jitter=False` renders every object at its canonical place, size and angle.
     """
 
     def __init__(
@@ -310,15 +345,16 @@ class ToyWorld(Dataset):
         p_coarse: float = P_COARSE,
         unnamed_prob: float | None = UNNAMED_PROB,
         always_named: Sequence[str] = ALWAYS_NAMED,
+        hollow_prob: float = HOLLOW_PROB,
         jitter: bool = True,
     ):
         if length < 1 or seed < 0 or size < 8:
             raise ValueError(f"need length >= 1, seed >= 0 and size >= 8; got {length}, {seed}, {size}")
         self.size, self.length, self.seed, self.split = size, length, seed, split
         self.shapes = None if shapes is None else list(shapes)
-        shape_probabilities(self.shapes, unnamed_prob)  # validates
+        sample_attributes(np.random.default_rng(0), self.shapes, unnamed_prob, hollow_prob)  # validates
         self.p_drop, self.p_coarse, self.unnamed_prob, self.jitter = p_drop, p_coarse, unnamed_prob, jitter
-        self.always_named = tuple(always_named)
+        self.always_named, self.hollow_prob = tuple(always_named), hollow_prob
         if not set(self.always_named) <= set(NAMED_SHAPES):
             raise ValueError(f"always_named must be named shapes {list(NAMED_SHAPES)}, got {list(always_named)}")
 
@@ -330,12 +366,12 @@ class ToyWorld(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for a ToyWorld of length {self.length}")
         rng = item_rng(self.seed, self.split, index)
-        return sample_attributes(rng, self.shapes, self.unnamed_prob), rng
+        return sample_attributes(rng, self.shapes, self.unnamed_prob, self.hollow_prob), rng
 
     def __getitem__(self, index: int) -> dict:
         attrs, rng = self.attributes(index)
         pixels = render(attrs, self.size, rng if self.jitter else None)
-        text = caption(attrs, rng, self.p_drop, self.p_coarse, self.always_named)
+        text = caption(attrs, rng, self.p_drop, self.p_coarse, self.always_named, self.hollow_prob > 0)
         image = (pixels.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
         return {"image": image, "caption": text, "labels": attrs.labels}
 

@@ -1,7 +1,7 @@
 """The honest gates of the bundled toy model (docs/toy_world_notes.md), measured with the attribute scorer.
 
 - AE: the autoencoder keeps every attribute: scorer accuracy on reconstructions >= 0.95.
-- G1 base model: fully specified prompts are followed: per-attribute adherence >= 0.7.
+- G1 base model: fully specified prompts are followed: per-attribute adherence >= 0.7 (fill included).
 - G2 fidelity of an inverted word: concept rate of "a photo of a *" >= max(0.5, true-word rate - 0.2) and
   >= initializer-word rate + 0.3.
 - G3 editability: for edit prompts the edited attribute's accuracy >= 0.8 x the true word's, and the joint
@@ -18,7 +18,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ldm.data.toy_world import BACKGROUNDS, COLORS, POSITIONS, SHAPES, UNNAMED_SHAPE, Attributes, render
+from ldm.data.toy_world import (
+    ATTRIBUTE_VALUES,
+    BACKGROUNDS,
+    COLORS,
+    HOLLOWABLE,
+    POSITIONS,
+    SHAPES,
+    UNNAMED_SHAPE,
+    Attributes,
+    render,
+    sample_attributes,
+)
 from ldm.models.diffusion.ddim import DDIMSampler
 
 AE_MIN = 0.95
@@ -41,14 +52,17 @@ FIDELITY = "a photo of a {}"
 
 
 def full_prompt(a: Attributes) -> str:
-    return f"a {a.color} {a.shape} {POSITION_PHRASE[a.position]} on a {a.background} background"
+    fill = "hollow " if a.fill == "hollow" else ""
+    return f"a {a.color} {fill}{a.shape} {POSITION_PHRASE[a.position]} on a {a.background} background"
 
 
 def g1_cases(limit: int | None = None) -> list[Attributes]:
-    """Fully specified attribute combinations over the named shapes (background never the object colour)."""
+    """Fully specified attribute combinations over the named shapes, solid and (where a shape can be) hollow;
+    the background never the object colour."""
     named = [s for s in SHAPES if s != UNNAMED_SHAPE]
-    cases = [Attributes(s, c, b, p) for s, c, b, p in itertools.product(named, COLORS, BACKGROUNDS, POSITIONS)
-             if b != c]
+    fills = {s: ("solid", "hollow") if s in HOLLOWABLE else ("solid",) for s in named}
+    cases = [Attributes(s, c, b, p, f) for s, c, b, p in itertools.product(named, COLORS, BACKGROUNDS, POSITIONS)
+             for f in fills[s] if b != c]
     if limit is not None:
         rng = np.random.default_rng(0)
         cases = [cases[i] for i in sorted(rng.choice(len(cases), size=min(limit, len(cases)), replace=False))]
@@ -76,19 +90,16 @@ def accuracy(scores: dict, expected: dict[str, list[str]]) -> dict[str, float]:
 @torch.no_grad()
 def autoencoder_gate(first_stage, scorer, n: int = 256, seed: int = 0) -> dict[str, float]:
     rng = np.random.default_rng(seed)
-    from ldm.data.toy_world import sample_attributes
-
     attrs = [sample_attributes(rng, unnamed_prob=None) for _ in range(n)]
     x = torch.from_numpy(np.stack([render(a, 32, rng) for a in attrs])).permute(0, 3, 1, 2).float() / 127.5 - 1
     rec = first_stage.decode(first_stage.encode(x).mode()).clamp(-1, 1)
     scores = scorer.score(rec)
-    return accuracy(scores, {k: [a.as_dict()[k] for a in attrs] for k in ("shape", "color", "background",
-                                                                          "position")})
+    return accuracy(scores, {k: [a.as_dict()[k] for a in attrs] for k in ATTRIBUTE_VALUES})
 
 
 def g1_adherence(model, scorer, cases: list[Attributes], seeds: list[int], samples_per_prompt: int) -> dict:
     """Per-attribute adherence of fully specified prompts, pooled over cases, seeds and samples."""
-    hits: dict[str, list[bool]] = {k: [] for k in ("shape", "color", "background", "position")}
+    hits: dict[str, list[bool]] = {k: [] for k in ATTRIBUTE_VALUES}
     for seed in seeds:
         for rep in range(samples_per_prompt):
             images = sample(model, [full_prompt(a) for a in cases], seed=seed * 100003 + rep)

@@ -1,14 +1,14 @@
 """The toy world's attribute scorer: a small CNN with one classification head per attribute.
 
 It grades images, generated or rendered, against the attributes of `ldm.data.toy_world` (shape, including the
-unnamed shape, color, background, position). Gate G0 of docs/toy_world_notes.md asks for >= 0.98 accuracy
+unnamed shape, color, background, position, fill). Gate G0 of docs/toy_world_notes.md asks for >= 0.98 accuracy
 per attribute on clean renders and >= 0.9 on degraded ones; `scripts/train_toy_scorer.py` trains it and
 measures both.
 
 Generated samples are blurry and sometimes off-distribution (the prototype's scorer called blurry blobs
 "star"), so training uses fresh renders with blur, noise and colour jitter, and a share of *outliers* (an
-elongated ellipse, or a shape blurred beyond recognition) whose shape target is uniform: on such images the
-shape head learns low confidence, and `score(..., threshold=t)` reports index -1 ("none/uncertain") for any
+elongated ellipse, or a shape blurred beyond recognition) whose shape and fill targets are uniform: on such
+images those heads learn low confidence, and `score(..., threshold=t)` reports index -1 ("none/uncertain") for any
 attribute whose top probability is below t. Colour, background and position stay labelled on outliers.
 
 Weights are `.safetensors` with the architecture and the attribute lists in the metadata; loading checks the
@@ -74,6 +74,10 @@ COLOR_SHIFT = 0.06  # per-channel offset in [-s, s]
 OUTLIER_P = 0.1
 OUTLIER_BLUR = (2.5, 4.0)
 ELLIPSE_ASPECT = (1.8, 2.6)
+#: Targets that are uniform on outliers.
+UNCERTAIN_ON_OUTLIERS = ("shape", "fill")
+#: Share of hollow squares and triangles in the training and evaluation renders.
+HOLLOW_P = 0.5
 #: The "degraded" evaluation set of gate G0: every image blurred and noised by amounts in these ranges.
 DEGRADED_BLUR = (0.5, 1.0)
 DEGRADED_NOISE = (0.02, 0.1)
@@ -249,8 +253,9 @@ def to_tensor(pixels: list[np.ndarray]) -> torch.Tensor:
 
 def training_batch(rng: np.random.Generator, batch_size: int = 64, size: int = 32, augment: bool = True):
     """(images [B, 3, S, S], labels {attribute: LongTensor [B]}, outlier BoolTensor [B]) of fresh renders,
-    all shapes equally likely; with `augment`, outliers, colour jitter, blur and noise as described above."""
-    objects = [sample_attributes(rng, SHAPES, unnamed_prob=None) for _ in range(batch_size)]
+    all shapes equally likely, fill by HOLLOW_P; with `augment`, outliers, colour jitter, blur and noise as
+    described above."""
+    objects = [sample_attributes(rng, SHAPES, None, HOLLOW_P) for _ in range(batch_size)]
     # 0: a render, 1: an ellipse outlier, 2: a smeared outlier (a render blurred beyond recognition)
     kinds = (rng.choice(3, size=batch_size, p=[1 - OUTLIER_P, OUTLIER_P / 2, OUTLIER_P / 2]) if augment
              else np.zeros(batch_size, dtype=np.int64))
@@ -274,11 +279,11 @@ def training_batch(rng: np.random.Generator, batch_size: int = 64, size: int = 3
 
 
 def scorer_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], outlier: torch.Tensor):
-    """Sum over attributes of the cross-entropy; outliers' shape target is uniform over the shapes."""
+    """Sum over attributes of the cross-entropy; on outliers the UNCERTAIN_ON_OUTLIERS targets are uniform."""
     total = 0.0
     for name, logit in logits.items():
         target = F.one_hot(labels[name], logit.shape[-1]).float()
-        if name == "shape":
+        if name in UNCERTAIN_ON_OUTLIERS:
             target = torch.where(outlier[:, None], torch.full_like(target, 1.0 / logit.shape[-1]), target)
         total = total + F.cross_entropy(logit, target)
     return total
@@ -295,10 +300,10 @@ def eval_rng(seed: int, kind: str) -> np.random.Generator:
 
 
 def eval_set(n: int, seed: int = 0, kind: str = "clean", size: int = 32):
-    """(images, labels) of `n` fresh renders with jitter, all shapes equally likely. kind: "clean",
-    "degraded" (blur and noise in DEGRADED_BLUR / DEGRADED_NOISE) or "outlier" (ellipses and smears)."""
+    """(images, labels) of `n` fresh renders with jitter, all shapes equally likely, fill by HOLLOW_P. kind:
+    "clean", "degraded" (blur and noise in DEGRADED_BLUR / DEGRADED_NOISE) or "outlier" (ellipses, smears)."""
     rng = eval_rng(seed, kind)
-    objects = [sample_attributes(rng, SHAPES, unnamed_prob=None) for _ in range(n)]
+    objects = [sample_attributes(rng, SHAPES, None, HOLLOW_P) for _ in range(n)]
     if kind == "outlier":
         pixels = [render_ellipse(a, size, rng) for a in objects[: n // 2]]
         pixels += [render(a, size, rng) for a in objects[n // 2:]]
