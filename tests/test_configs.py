@@ -11,7 +11,7 @@ from ldm.util import get_obj_from_str, instantiate_from_config
 
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
 #: Partial configs merged on top of a base (`--base base.yaml overlay.yaml`), tested merged.
-OVERLAYS = {"configs/toy/ldm_stage1.yaml": "configs/toy/ldm.yaml"}
+OVERLAYS = {f"configs/toy/ldm_stage{k}.yaml": "configs/toy/ldm.yaml" for k in (1, 2)}
 
 TINY_UNET = {"model_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [1], "num_res_blocks": 1,
              "num_heads": 2, "context_dim": 16}

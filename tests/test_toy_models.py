@@ -28,7 +28,7 @@ def test_toy_autoencoder_loads_strictly_and_keeps_attributes():
     cfg.model.params.ckpt_path = str(AE)  # strict: a missing or extra key would raise
     ae = instantiate_from_config(cfg.model).eval()
     with torch.no_grad():
-        acc = autoencoder_gate(ae, load_scorer(SCORER), n=64, seed=1)
+        acc = autoencoder_gate(ae, load_scorer(SCORER))  # the gate itself: 256 renders
     assert all(v >= AE_MIN for v in acc.values()), acc
 
 
@@ -47,9 +47,9 @@ def test_toy_ldm_loads_strictly_and_follows_a_prompt():
     cfg = OmegaConf.load(REPO / "configs" / "toy" / "ldm.yaml")
     cfg.model.params.ckpt_path = str(LDM)  # strict, through ldm.checkpoint
     model = instantiate_from_config(cfg.model).eval()
-    images = gates.sample(model, 8 * ["a red square on a black background"], seed=0, steps=20)
+    images = gates.sample(model, 8 * ["a red hollow square on a black background"], seed=0, steps=20)
     scores = load_scorer(SCORER).score(images)
-    for attribute, want in (("shape", "square"), ("color", "red"), ("background", "black")):
+    for attribute, want in (("shape", "square"), ("color", "red"), ("background", "black"), ("fill", "hollow")):
         rate = sum(v == want for v in scores[attribute]["value"]) / 8
         assert rate >= 0.75, (attribute, scores[attribute]["value"])
 
