@@ -43,9 +43,9 @@ def pad_rows(sd: dict, spec: str) -> None:
     key, _, rows = spec.rpartition("=")
     if key not in sd:
         raise ValueError(f"--pad_rows {spec}: no tensor {key!r} in the checkpoint")
-    if not rows.isdigit() or int(rows) < sd[key].shape[0]:
-        raise ValueError(f"--pad_rows {spec}: N must be an integer >= the {sd[key].shape[0]} rows it has")
     old = sd[key]
+    if not rows.isdigit() or int(rows) < old.shape[0]:
+        raise ValueError(f"--pad_rows {spec}: N must be an integer >= the {old.shape[0]} rows it has")
     sd[key] = torch.cat([old, old.new_zeros(int(rows) - old.shape[0], *old.shape[1:])])
 
 

@@ -84,23 +84,25 @@ def test_dataset_items_are_pure_functions_of_seed_split_and_index():
 
 def test_captions_name_the_rendered_attributes(items):
     coarse_named, named, hollow, hollow_said = 0, 0, 0, 0
-    for item in items:
+    parsed = [parse_caption(item["caption"]) for item in items]
+    for item, said in zip(items, parsed, strict=True):
         attrs = Attributes.from_labels(item["labels"])
-        for name, value in parse_caption(item["caption"]).items():
+        for name, value in said.items():
             assert value == getattr(attrs, name), (item["caption"], attrs)
-        assert UNNAMED_SHAPE not in item["caption"].split() and "solid" not in item["caption"].split()
+        words = item["caption"].split()
+        assert UNNAMED_SHAPE not in words and "solid" not in words
         hollow += attrs.fill == "hollow"
-        hollow_said += "fill" in parse_caption(item["caption"])
+        hollow_said += "fill" in said
         if attrs.shape == UNNAMED_SHAPE:
-            assert "shape" not in parse_caption(item["caption"]), item["caption"]
+            assert "shape" not in said, item["caption"]
         elif attrs.shape in tw.ALWAYS_NAMED:
-            assert parse_caption(item["caption"])["shape"] == attrs.shape, item["caption"]
+            assert said["shape"] == attrs.shape, item["caption"]
         else:
             named += 1
-            coarse_named += "shape" not in parse_caption(item["caption"])
+            coarse_named += "shape" not in said
     assert abs(coarse_named / named - tw.P_COARSE) <= 0.05, coarse_named / named
     assert 0.70 <= hollow_said / hollow <= 0.80, hollow_said / hollow
-    kept = Counter(k for item in items for k in parse_caption(item["caption"]) if k != "shape")
+    kept = Counter(k for said in parsed for k in said if k != "shape")
     for name in ("color", "position", "background"):
         assert 0.70 <= kept[name] / len(items) <= 0.80, (name, kept[name] / len(items))
 
