@@ -1,9 +1,14 @@
-"""Shared test fixtures: paths to ../shared, offline Hugging Face, deterministic torch."""
+"""Shared test helpers: golden fixtures in tests/fixtures, offline Hugging Face, deterministic torch."""
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import importlib.util
+import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,8 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("TI_SHARED_DIR", REPO.parent / "shared"))
-FIXTURES = SHARED / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 def load_script(name: str):
@@ -26,28 +30,22 @@ def load_script(name: str):
 
 
 def fixture_path(*parts: str) -> Path:
-    """Path under ../shared/fixtures, or skip the test with the reason if it is absent."""
+    """Path under tests/fixtures; a missing fixture is an error, never a skip (they are part of the repo)."""
     path = FIXTURES.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"shared fixture not found: {path} (set TI_SHARED_DIR to the shared/ folder)")
+        raise FileNotFoundError(f"test fixture missing: {path} (tests/fixtures is tracked in git; "
+                                "restore it rather than skipping)")
     return path
 
 
 @pytest.fixture(autouse=True)
 def _torch_defaults():
-    """Two threads, and the global kernel switches back to their library defaults after every test
-    (main.py sets them from its flags)."""
-    from ldm.modules.attention import set_attention_backend
-    from ldm.modules.diffusionmodules.util import set_gradient_checkpointing
-
+    """Two threads, as on the CI machine."""
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    yield
-    set_attention_backend("math")
-    set_gradient_checkpointing(False)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tiny parity models (../shared/fixtures/parity/{ldm_tiny,sd_tiny})
+# Tiny parity models (tests/fixtures/parity/{ldm_tiny,sd_tiny})
 # ---------------------------------------------------------------------------------------------------
 
 PARITY_NAMES = ("ldm_tiny", "sd_tiny")
@@ -79,6 +77,62 @@ def parity_config(name: str, num_vectors: int = 1):
     return cfg
 
 
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a CPU tensor's raw bytes (row-major, native little-endian: the bytes safetensors stores)."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def regenerate_parity_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """The reference's model.safetensors rebuilt from its recipe (parity/README.md, "How the weights were
+    made"): seed 0, build config.model, overwrite every parameter but the embedding manager's in
+    named_parameters() order from one generator seeded 1234, save the base weights as a .ckpt and build
+    again from it so the embedding manager is initialised from the loaded text encoder. Not stored in git:
+    test_parity_weights.py checks every tensor against the reference's sha256 (model_sha256.json)."""
+    from ldm.util import instantiate_from_config
+
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        model = instantiate_from_config(parity_config(name).model)
+        gen = torch.Generator().manual_seed(1234)
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if key.startswith("embedding_manager."):
+                    continue
+                if p.dim() >= 2:
+                    value = (torch.rand(p.shape, generator=gen) * 2 - 1) / math.sqrt(p[0].numel())
+                elif key.endswith("weight"):
+                    value = 1 + 0.1 * torch.randn(p.shape, generator=gen)
+                else:
+                    value = 0.1 * torch.randn(p.shape, generator=gen)
+                p.copy_(value)
+        base = {k: v for k, v in model.state_dict().items() if not k.startswith("embedding_manager.")}
+        ckpt = Path(tmp) / f"{name}_base.ckpt"
+        torch.save({"state_dict": base}, ckpt)
+        del model, base
+        cfg = parity_config(name)
+        cfg.model.params.ckpt_path = str(ckpt)
+        torch.manual_seed(0)
+        model = instantiate_from_config(cfg.model)
+        return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+_PARITY_WEIGHTS: dict[str, Path] = {}
+
+
+def parity_weights(name: str) -> Path:
+    """Path of the tiny model's full state dict (`model.safetensors` of the reference), regenerated once per
+    test session into a temporary folder (removed at exit)."""
+    if name not in _PARITY_WEIGHTS:
+        from safetensors.torch import save_file
+
+        folder = Path(tempfile.mkdtemp(prefix=f"ti_parity_{name}_"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        path = folder / "model.safetensors"
+        save_file(regenerate_parity_state_dict(name), str(path))
+        _PARITY_WEIGHTS[name] = path
+    return _PARITY_WEIGHTS[name]
+
+
 def build_parity_model(name: str, tmp_dir: Path, num_vectors: int = 1):
     """Build the tiny model as the reference did (spec in parity/README.md, "How the weights were made"):
     base weights (everything but the embedding manager) written as a Lightning-style .ckpt and loaded by
@@ -87,7 +141,7 @@ def build_parity_model(name: str, tmp_dir: Path, num_vectors: int = 1):
 
     from ldm.util import instantiate_from_config
 
-    sd = load_file(str(fixture_path("parity", name, "model.safetensors")))
+    sd = load_file(str(parity_weights(name)))
     base = {k: v for k, v in sd.items() if not k.startswith("embedding_manager.")}
     Path(tmp_dir).mkdir(parents=True, exist_ok=True)
     ckpt = Path(tmp_dir) / f"{name}_base.ckpt"

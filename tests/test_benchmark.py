@@ -4,9 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_benchmark_tiny(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--config", "configs/toy/tiny-demo.yaml",

@@ -1,7 +1,8 @@
 """CLIP metrics, the OpenAI CLIP preprocessing, the coverage statistics and CLIP ranking.
 
-No download: a tiny random `CLIPModel` is built here, the tokenizer is the shared CLIP fixture, and a
-stub "CLIP" whose image features are the mean normalised colour makes values computable by hand.
+No download: a tiny random `CLIPModel` is built here, the tokenizer is the CLIP fixture in
+tests/fixtures, and a stub "CLIP" whose image features are the mean normalised colour makes values
+computable by hand.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ the converter fail cleanly on bad embedding input (wrong width, unknown format, 
 
 import pytest
 import torch
-from conftest import fixture_path, load_script, parity_config
+from conftest import fixture_path, load_script, parity_config, parity_weights
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -43,7 +43,7 @@ def test_unknown_writer_format(tmp_path):
 @pytest.fixture(scope="module")
 def sd_setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sd")
-    sd = load_file(str(fixture_path("parity", "sd_tiny", "model.safetensors")))
+    sd = load_file(str(parity_weights("sd_tiny")))
     torch.save({"state_dict": {k: v for k, v in sd.items() if not k.startswith("embedding_manager.")}},
                tmp / "base.ckpt")
     OmegaConf.save(parity_config("sd_tiny"), tmp / "config.yaml")

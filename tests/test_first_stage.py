@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import fixture_path
+from conftest import fixture_path, parity_weights
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -35,7 +35,7 @@ def tiny_first_stage(request):
     name = request.param
     cfg = OmegaConf.load(fixture_path("parity", name, "config.yaml"))
     model = AutoencoderKL(**cfg.model.params.first_stage_config.params)
-    full = load_file(fixture_path("parity", name, "model.safetensors"))
+    full = load_file(parity_weights(name))
     sd = {k[len(PREFIX) :]: v for k, v in full.items() if k.startswith(PREFIX)}
     model.load_state_dict(sd, strict=True)
     model.eval()

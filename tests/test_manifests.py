@@ -1,7 +1,7 @@
 """Acceptance: the full-size models built from the official configs have exactly the checkpoint layout.
 
 Built on the meta device (no memory, no weights) and compared key by key with the state-dict manifests
-of the reference (../shared/fixtures/manifests), including dtypes and which parameters are trainable.
+of the reference (tests/fixtures/manifests), including dtypes and which parameters are trainable.
 """
 
 import json

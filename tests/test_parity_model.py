@@ -1,13 +1,13 @@
 """Parity of the assembled LatentDiffusion with the reference on the tiny configs.
 
-Groups of ../shared/fixtures/parity/README.md: (0) state dict, (1) UNet forward through apply_model,
+Groups of tests/fixtures/parity/README.md: (0) state dict, (1) UNet forward through apply_model,
 (2) first stage through the model's encode/decode, (5) DDIM with eta 0 and 1, with and without guidance,
 (6) PLMS.
 """
 
 import pytest
 import torch
-from conftest import PARITY_NAMES, assert_close, build_parity_model, fixture_path
+from conftest import PARITY_NAMES, assert_close, build_parity_model, fixture_path, parity_weights
 from safetensors.torch import load_file
 
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -27,7 +27,9 @@ def load(name, file):
 
 def test_state_dict_matches_reference(parity):
     name, model = parity
-    ref = load(name, "model.safetensors")
+    # the reference weights, regenerated from their recipe (test_parity_weights.py pins every tensor to the
+    # reference's sha256, embedding manager included)
+    ref = load_file(str(parity_weights(name)))
     ours = model.state_dict()
     assert set(ours) == set(ref)
     for key, value in ref.items():

@@ -1,6 +1,6 @@
 """Parity of the Textual Inversion method with the reference on the tiny configs.
 
-Groups of ../shared/fixtures/parity/README.md: (3) conditioning with 1 and 2 vectors per token,
+Groups of tests/fixtures/parity/README.md: (3) conditioning with 1 and 2 vectors per token,
 (4) loss and gradient at fixed t and noise, shared_step on a real batch, two AdamW steps through
 configure_optimizers. (Group 7, the dataset, is in test_personalized_data.py.)
 """

@@ -1,4 +1,5 @@
-"""The personalized datasets: bit parity with the reference, template lists, and the section 13 fixes."""
+"""The personalized datasets: bit parity with the reference, template lists, and the fixes of
+docs/DIFFERENCES.md#training-data."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def half_red_image(size: tuple[int, int] = (40, 20)) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# (a) parity with the reference (shared fixtures, procedure (7))
+# (a) parity with the reference (tests/fixtures, procedure (7))
 
 
 @pytest.fixture(params=["ldm_tiny", "sd_tiny"])

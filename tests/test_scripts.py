@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import PARITY_NAMES, assert_close, fixture_path, load_script, parity_config
+from conftest import PARITY_NAMES, assert_close, fixture_path, load_script, parity_config, parity_weights
 from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -23,7 +23,7 @@ def setup(request, tmp_path_factory):
     name = request.param
     tmp = tmp_path_factory.mktemp(name)
     folder = fixture_path("parity", name)
-    sd = load_file(str(folder / "model.safetensors"))
+    sd = load_file(str(parity_weights(name)))
     torch.save({"state_dict": {k: v for k, v in sd.items() if not k.startswith("embedding_manager.")}},
                tmp / "base.ckpt")
     cfg = parity_config(name)

@@ -1,7 +1,7 @@
 """Text encoders: tokenizer ids, parity with the reference fixtures, the TI hook point, key layout, errors.
 
-Fixtures: ../shared/fixtures/parity/{ldm_tiny,sd_tiny} (golden outputs of the official code),
-../shared/fixtures/tokenizers (offline vocabularies) and ../shared/fixtures/manifests (full-size key lists).
+Fixtures: tests/fixtures/parity/{ldm_tiny,sd_tiny} (golden outputs of the official code),
+tests/fixtures/tokenizers (offline vocabularies) and tests/fixtures/manifests (full-size key lists).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from functools import cache
 import huggingface_hub.constants
 import pytest
 import torch
-from conftest import fixture_path
+from conftest import fixture_path, parity_weights
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
@@ -53,7 +53,7 @@ def _cond_stage(name: str) -> torch.nn.Module:
     config["params"] = {**(config.get("params") or {}), **_extra_params(name)}
     model = instantiate_from_config(config).eval()
     prefix = "cond_stage_model."
-    weights = load_file(folder / "model.safetensors")
+    weights = load_file(parity_weights(name))
     state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
     model.load_state_dict(state, strict=True)
     return model.requires_grad_(False)  # frozen, as in Textual Inversion; shared between tests

@@ -3,6 +3,7 @@ model can be inverted against with main.py (issue 6, acceptance 4)."""
 
 import json
 
+import pytest
 import torch
 from conftest import REPO, load_script
 from omegaconf import OmegaConf
@@ -54,6 +55,7 @@ def test_toy_ldm_loads_strictly_and_follows_a_prompt():
         assert rate >= 0.75, (attribute, scores[attribute]["value"])
 
 
+@pytest.mark.slow
 def test_demo_inverts_ten_steps_on_the_bundled_model(tmp_path):
     """The README's first job at 10 inversion steps: main.py inverts the ring, the sheet and metrics appear."""
     opt = toy_demo.parser().parse_args(["--steps", "10", "--samples", "2", "--outdir", str(tmp_path)])
