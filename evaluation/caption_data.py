@@ -1,6 +1,6 @@
 """Training with human-written captions (the paper's "human captions" setup).
 
-The reference shipped this experiment only as bytecode (`personalized_detailed_text`, spec 14): a
+The reference shipped this experiment only as bytecode without source (`personalized_detailed_text`): a
 hard-coded folder and one hand-written caption per image ("A photo of * on a grey bed", ...). Here the
 captions come from a user file, and everything else is `ldm.data.personalized.PersonalizedBase`.
 

@@ -1,5 +1,5 @@
 """CLIP metrics of the Textual Inversion paper: reconstruction (image similarity) and editability (text
-similarity), as the official `evaluation/clip_eval.py` (rinongal/textual_inversion @ 424192de; spec 10.4).
+similarity), as the official `evaluation/clip_eval.py` (rinongal/textual_inversion @ 424192de).
 
 Definitions [PRESERVE], with every feature L2-normalised:
 
@@ -12,14 +12,15 @@ Definitions [PRESERVE], with every feature L2-normalised:
 
 Both are RAW cosine similarities in [-1, 1] (the paper reports text similarity around 0.26 for LDM). They
 are not CLIPScore, which is 2.5 * max(cos, 0) (used e.g. by Custom Diffusion), so multiply by 2.5 before
-comparing with CLIPScore tables (spec 12.2).
+comparing with CLIPScore tables.
 
 Paper defaults: CLIP ViT-B/32, 64 samples per prompt, 50 DDIM steps, guidance scale 5.0, eta 0.
 
 Local changes: CLIP comes from Hugging Face transformers (`CLIPModel` + `CLIPTokenizer`, a hub id such as
 "openai/clip-vit-base-patch32" or a local folder; the OpenAI names "ViT-B/32" etc. are mapped to their
 hub ids) instead of the OpenAI `clip` package; it runs in float32 unless a dtype is given (the reference ran
-fp16 weights on CUDA, B31); the image preprocessing is `evaluation.preprocess` (PIL path by default, the
+fp16 weights on CUDA, see docs/DIFFERENCES.md#clip-float32); the image preprocessing is
+`evaluation.preprocess` (PIL path by default, the
 reference's tensor path on request); the guidance scale, batch size and sampling generator are arguments;
 `n_samples` need not be a multiple of the batch size; the latent shape comes from the model instead of
 the hard-coded LDM [4, 32, 32]; per-sample similarities are available for confidence intervals.

@@ -19,7 +19,8 @@ Generated images are tensors [B, 3, H, W] in [-1, 1]; `preprocess_tensor` offers
 * `mode="tensor"`: the official `evaluation/clip_eval.py` path: `(x + 1) / 2`, then torchvision's tensor
   `Resize` as it behaved in the pinned torchvision 0.11 (bicubic `interpolate`, `align_corners=False`,
   no antialiasing, no clamping), the same centre crop and the CLIP normalisation, all in float on the
-  tensor's device. Newer torchvision antialiases tensors by default, which changes the numbers (B31);
+  tensor's device. Newer torchvision antialiases tensors by default, which changes the numbers
+  (docs/DIFFERENCES.md#clip-preprocessing);
   this path pins the old behaviour. Use it to reproduce the official numbers most closely.
 
 The two paths differ (PIL's bicubic filter widens its support when downsampling, the tensor path does

@@ -1,10 +1,11 @@
 """Lightning callbacks of the training entry point; configs name them as `main.SetupCallback`,
-`main.ImageLogger`, `main.CUDACallback` and `main.LearningRateMonitor` (spec 1.8).
+`main.ImageLogger`, `main.CUDACallback` and `main.LearningRateMonitor` (as in latent-diffusion's `main.py`).
 
 Ported to Lightning 2 from latent-diffusion's `main.py`. Local changes: hooks renamed to their
 Lightning 2 equivalents; only rank 0 writes files; no torchvision (grids via `ldm.image_grid`); the
 CUDA callback is a no-op off GPU; step numbering follows Lightning 2 (`global_step` counts finished
-optimizer steps, so the reference's `gs-000500` image is written after 500 updates here, after 501 there).
+optimizer steps, so the reference's `gs-000500` image is written after 500 updates here, after 501 there;
+docs/DIFFERENCES.md#lightning-2-port).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ def parser():
 
 
 def run_laion_aware(opt, overrides):
-    if opt.laion400m:  # the reference pointed at a config without personalization (B26)
+    # The reference pointed at a config without personalization (docs/DIFFERENCES.md#stable-txt2img-fixes).
+    if opt.laion400m:
         opt.config = "configs/latent-diffusion/txt2img-1p4B-eval_with_tokens.yaml"
         opt.ckpt = "models/ldm/text2img-large/model.ckpt"
         opt.outdir = "outputs/txt2img-samples-laion400m"

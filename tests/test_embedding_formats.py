@@ -1,4 +1,5 @@
-"""Embedding file formats (spec 3.4, B23, B32): round trips, third-party layouts, safe reading,
+"""Embedding file formats (docs/DIFFERENCES.md#checkpoints-and-embedding-files): round trips, third-party
+layouts, safe reading,
 atomic writes."""
 
 from __future__ import annotations

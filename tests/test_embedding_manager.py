@@ -1,4 +1,5 @@
-"""EmbeddingManager (spec section 3, bugs B19-B24): substitution, multi-vector expansion, initialisation,
+"""EmbeddingManager (docs/DIFFERENCES.md#embedding-manager): substitution, multi-vector expansion,
+initialisation,
 progressive words, per-image tokens, errors, the regulariser and the unmatched-placeholder warning.
 
 Most tests use a fake BERT-style embedder (`tknz_fn` + `transformer.token_emb`, the LDM interface) so they
@@ -109,7 +110,7 @@ def test_rows_without_placeholder_are_returned_unchanged(bert):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Multi-vector expansion (spec 3.3 multi-vector mode; B22)
+# Multi-vector expansion (docs/DIFFERENCES.md#no-input-mutation)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -139,7 +140,7 @@ def test_expand_placeholders_right_to_left_shift_and_truncation():
     assert torch.equal(out[1], expected1)
     assert torch.equal(out[2], e[2])
     assert out.shape == embedded.shape and new_ids.shape == ids.shape
-    # The caller's tensors are not mutated (the reference wrote the expanded ids back in place, B22).
+    # The caller's tensors are not mutated (the reference wrote the expanded ids back in place).
     assert torch.equal(ids, ids_before)
     assert torch.equal(embedded, emb_before)
 
@@ -176,12 +177,13 @@ def test_substitute_two_placeholders_in_one_row(bert):
     expected = torch.stack([e[0, 0], e[0, 1], star[0], star[1], e[0, 3], at[0], at[1],
                             e[0, 5], e[0, 6], e[0, 7]])
     assert torch.equal(out[0], expected)
-    assert torch.equal(ids, ids_before)  # B22
+    assert torch.equal(ids, ids_before)  # not mutated
     assert torch.equal(manager(ids, embedded), out)  # forward == substitute()[1]
 
 
 # ---------------------------------------------------------------------------------------------------
-# Loading a multi-vector file under a single-vector config (B21) and `load` semantics
+# Loading a multi-vector file under a single-vector config (docs/DIFFERENCES.md#mode-from-vector-count)
+# and `load` semantics
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -230,7 +232,7 @@ def test_load_file_without_token_ids_uses_the_tokenizer(bert, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Progressive words (spec 3.3; B20)
+# Progressive words (docs/DIFFERENCES.md#progressive-counter)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -273,7 +275,7 @@ def test_progressive_words_off_uses_all_vectors(bert):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Per-image tokens (B22: the caller's list is not mutated)
+# Per-image tokens (the caller's list is not mutated)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -290,7 +292,7 @@ def test_per_image_tokens_add_22_hebrew_placeholders_without_mutation(bert):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Initialisation (spec 3.1-3.2; B19)
+# Initialisation (docs/DIFFERENCES.md#clip-init-position)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -394,7 +396,7 @@ def test_load_wrong_width_names_file_and_widths(bert, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Regulariser (spec 3.5, 5.7; B24)
+# Regulariser (docs/DIFFERENCES.md#regulariser-per-vector)
 # ---------------------------------------------------------------------------------------------------
 
 

@@ -1,10 +1,11 @@
 """`DataModuleFromConfig`: the Lightning data module the training configs name as `main.DataModuleFromConfig`.
 
-Behaviour of latent-diffusion's `main.py` (spec 1.9): each split given in the config becomes a dataset
+Behaviour of latent-diffusion's `main.py`: each split given in the config becomes a dataset
 built from its `target`/`params`; train shuffles, validation does not; `num_workers` defaults to twice
 the batch size. Local changes: datasets are built once (the reference built them twice); with a `seed`
 (main.py passes the run's seed) the train loader is a `ResumableDataLoader`: order and augmentations
-are a pure function of (seed, epoch, position), sharded over DDP ranks, and resumable exactly.
+are a pure function of (seed, epoch, position), sharded over DDP ranks, and resumable exactly
+(docs/DIFFERENCES.md#datamodule-built-once, #exact-resume-data-order).
 """
 
 from __future__ import annotations

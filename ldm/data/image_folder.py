@@ -2,12 +2,12 @@
 
 Shared by `ldm.data.personalized` and `ldm.data.personalized_style`. The pipeline follows the reference
 (rinongal/textual_inversion @ 424192de, `ldm/data/personalized.py`, `PersonalizedBase.__getitem__`) pixel for
-pixel on 8-bit RGB, L, P and RGBA inputs, with these local changes (reference_spec.md section 13):
+pixel on 8-bit RGB, L, P and RGBA inputs, with these local changes (docs/DIFFERENCES.md#training-data):
 
-* B9: only image files, by extension, are listed (no hidden files, no sub-folders), sorted by name;
+* only image files, by extension, are listed (no hidden files, no sub-folders), sorted by name;
   the reference took every `os.listdir` entry in filesystem order.
-* B10: the EXIF orientation is applied (`exif_transpose=True`, switchable for fidelity checks).
-* B12: `"linear"` means `Image.BILINEAR` (the reference's `Image.LINEAR` is gone since Pillow 10).
+* the EXIF orientation is applied (`exif_transpose=True`, switchable for fidelity checks).
+* `"linear"` means `Image.BILINEAR` (the reference's `Image.LINEAR` is gone since Pillow 10).
 * 16-bit integer images are scaled to 8 bit (value / 257); the reference's `convert("RGB")` clips them.
 * `alpha="white"` composites transparent images onto white; the default `"drop"` keeps the reference's
   behaviour of discarding the alpha channel.
@@ -25,7 +25,8 @@ from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
-# Config name -> Pillow resampling filter. "linear" and "bilinear" are the same filter (B12).
+# Config name -> Pillow resampling filter. "linear" and "bilinear" are the same filter (Pillow 10 removed
+# Image.LINEAR, docs/DIFFERENCES.md#linear-interpolation).
 INTERPOLATIONS = {
     "linear": Image.Resampling.BILINEAR,
     "bilinear": Image.Resampling.BILINEAR,
@@ -53,7 +54,8 @@ def resampling_filter(interpolation: str) -> Image.Resampling:
 
 
 def list_image_files(data_root: str | os.PathLike) -> list[str]:
-    """Paths of the image files directly inside `data_root`, sorted by file name (code-point order, B9).
+    """Paths of the image files directly inside `data_root`, sorted by file name (code-point order; the
+    reference took unfiltered `os.listdir` order, docs/DIFFERENCES.md#image-folder-listing).
 
     Hidden entries (names starting with ".", which includes macOS `._*` companions) and sub-folders are
     skipped; the extension test is case-insensitive. Raises ValueError if the folder is missing or holds

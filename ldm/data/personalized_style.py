@@ -1,7 +1,7 @@
 """Training data for style concepts: captions such as "a painting in the style of *".
 
-Port of the reference `ldm/data/personalized_style.py` (rinongal/textual_inversion @ 424192de;
-reference_spec.md section 4.3). Identical to the object dataset in `ldm.data.personalized` (same image
+Port of the reference `ldm/data/personalized_style.py` (rinongal/textual_inversion @ 424192de).
+Identical to the object dataset in `ldm.data.personalized` (same image
 pipeline, same random draws, same local fixes) except that the constructor has no `mixing_prob` and no
 `coarse_class_text`: the dual-template probability is fixed at 0.25 and the placeholder is never prefixed.
 """

@@ -1,8 +1,8 @@
 """The toy world: procedurally rendered, captioned 32x32 images, the training data of the bundled CPU model.
 
 Real text-to-image checkpoints cannot be downloaded on the build machines, so the project trains a small
-latent diffusion model on this world (issue 6; measured facts and gates in docs/toy_world_notes.md). It is the
-notes' "small world":
+latent diffusion model on this world (issue 6; the measured gates are in README.md, "The toy world and its
+model"). The world is deliberately small:
 
 * shape: circle, square, triangle, star, plus ``UNNAMED_SHAPE`` ("ring"), which no caption ever names. The
   word "ring" is still in the vocabulary, so a placeholder experiment can use it as an (untrained) control
@@ -25,7 +25,8 @@ the colour, fill, position and background phrases are each dropped with probabil
 is one of "", "a picture of ", "a photo of " (so the edit prompts "a red *", "a * on the left" are in
 distribution).
 
-Randomness is always an argument (style guide P11): `render` is a pure function of its attributes and of
+Randomness is always an argument (so every item can be reproduced): `render` is a pure function of its
+attributes and of
 the optional `rng` that draws the jitter, and item `i` of `ToyWorld` is a pure function of (seed, split, i).
 
 Every ring is captioned with a coarse word, so the share of rings among "shape"/"object" captions is what

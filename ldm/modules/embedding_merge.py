@@ -1,7 +1,8 @@
 """Combine embeddings learned in separate runs into one file ("a photo of * in the style of @").
 
-The reference's merge (spec 10.5) asked on stdin for a new string when a placeholder repeated, and missed
-most collisions (B28). Here every collision is detected and must be resolved up front:
+The reference's `merge_embeddings.py` asked on stdin for a new string when a placeholder repeated, and
+missed most collisions (docs/DIFFERENCES.md#merge-non-interactive). Here every collision is detected and
+must be resolved up front:
 - the same placeholder string in two files;
 - two strings with the same token id (e.g. "A" and "a" under the lower-casing BERT tokenizer);
 - a rename that is not one token, or that collides with another placeholder;

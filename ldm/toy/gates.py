@@ -1,4 +1,5 @@
-"""The honest gates of the bundled toy model (docs/toy_world_notes.md), measured with the attribute scorer.
+"""The honest gates of the bundled toy model (results in README.md, "The toy world and its model"),
+measured with the attribute scorer.
 
 - AE: the autoencoder keeps every attribute: scorer accuracy on reconstructions >= 0.95.
 - G1 base model: fully specified prompts are followed: per-attribute adherence >= 0.7 (fill included).

@@ -1,7 +1,8 @@
 """The toy world's attribute scorer: a small CNN with one classification head per attribute.
 
 It grades images, generated or rendered, against the attributes of `ldm.data.toy_world` (shape, including the
-unnamed shape, color, background, position, fill). Gate G0 of docs/toy_world_notes.md asks for >= 0.98 accuracy
+unnamed shape, color, background, position, fill). Gate G0 (README.md, "The toy world and its model")
+asks for >= 0.98 accuracy
 per attribute on clean renders and >= 0.9 on degraded ones; `scripts/train_toy_scorer.py` trains it and
 measures both.
 

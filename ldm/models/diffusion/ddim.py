@@ -1,7 +1,8 @@
 """DDIM sampler (Song et al. 2021), as in latent-diffusion@5a6571e plus the Textual Inversion helpers
 `stochastic_encode` and `decode` (img2img building blocks). Shared machinery: `sampling.py`.
 
-Local changes: no forced CUDA buffers (B17); optional `generator`; logging instead of print.
+Local changes: no forced CUDA buffers (docs/DIFFERENCES.md#samplers-any-device); optional `generator`;
+logging instead of print.
 """
 
 from __future__ import annotations

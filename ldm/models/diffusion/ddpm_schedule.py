@@ -64,7 +64,8 @@ def lvlb_weights(buffers: dict[str, torch.Tensor], parameterization: str, faithf
 
     eps: beta^2 / (2 sigma^2 alpha (1 - abar)).  v: the eps weight times abar, since an error d in v is an
     error sqrt(abar) d in the implied eps.  x0: 0.5 sqrt(abar) / (2 (1 - abar)); the reference wrote
-    `2. * 1 - abar` (operator precedence, spec B15) which `faithful_x0` keeps. Entry 0 (infinite, since
+    `2. * 1 - abar` (operator precedence, docs/DIFFERENCES.md#x0-elbo-weights) which `faithful_x0` keeps.
+    Entry 0 (infinite, since
     the posterior variance is 0 there) is set to entry 1.
     """
     betas, abar = buffers["betas"], buffers["alphas_cumprod"]

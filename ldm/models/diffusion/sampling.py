@@ -5,10 +5,11 @@ Sampler protocol (what a model must provide): `apply_model(x, t, cond)`, `eps_fr
 `alphas_cumprod_prev`, `sqrt_one_minus_alphas_cumprod`, `num_timesteps`, `device`, and `q_sample` for
 masked sampling. Nothing here names a device: tensors follow `model.device`.
 
-Numerics follow latent-diffusion@5a6571e `ddim.py`/`plms.py` (spec 6.1-6.4), including the fidelity
+Numerics follow latent-diffusion@5a6571e `ddim.py`/`plms.py`, including the fidelity
 quirks: the +1 step offset, a_prev[0] = abar_0, no clipping of x0, CFG as eps_u + s (eps_c - eps_u) in
 one batched pass (unconditional first), and one normal draw per step even when sigma is 0. The reference
-treated every output as eps; x0 and v outputs are converted here.
+treated every output as eps; x0 and v outputs are converted here
+(docs/DIFFERENCES.md#sampler-parameterization).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What Textual Inversion changes in latent diffusion, in one place (spec sections 5.5, 5.7, 5.8).
+"""What Textual Inversion changes in latent diffusion, in one place.
 
 1. Freezing: the UNet and the text encoder are frozen and kept in eval mode, unless `unfreeze_model`.
 2. The embedding manager is built on the text encoder and optionally loaded from a file.
@@ -6,7 +6,8 @@
    or, with `unfreeze_model`, adds the UNet and text encoder as a second group at `model_lr`.
 4. The optional regulariser pulls the vectors towards their initializer embedding.
 5. Checkpoints: every Lightning checkpoint also writes `embeddings.pt` and `embeddings_gs-<step>.pt`
-   next to it. The reference emptied the Lightning checkpoint (so `--resume` could never work, B2); here it
+   next to it. The reference emptied the Lightning checkpoint (so `--resume` could never work,
+   docs/DIFFERENCES.md#resume-kept-checkpoint); here it
    keeps only the trainable tensors (a few KB: vectors, optimizer moments, step), and the frozen weights
    are taken from the model being resumed.
 """
