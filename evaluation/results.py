@@ -7,16 +7,11 @@ import csv
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from evaluation.clip_eval import METRIC_NOTE
 from evaluation.coverage import mean_confidence_interval
 from evaluation.plot import draw_tradeoff_plot
-
-if TYPE_CHECKING:
-    from evaluation.setups import RunnerSpec, Scorer
-
-REFERENCES = {"image_only": "Image only", "prompt_only": "Prompt only"}
+from evaluation.spec import REFERENCES, RunnerSpec
 
 
 @dataclass
@@ -25,7 +20,6 @@ class Pool:
 
     image: list[float] = field(default_factory=list)
     text: list[float] = field(default_factory=list)
-
 
 
 TABLE_COLUMNS = [
@@ -72,13 +66,17 @@ def write_csv(rows: list[dict], path: Path, columns: list[str] | None = None) ->
         writer.writerows(rows)
 
 
-def write_results(spec: RunnerSpec, scorer: Scorer, clip_name: str) -> list[dict]:
-    """results.csv/json, per_prompt.csv and tradeoff.png in `spec.out_dir`; returns the table."""
+def write_results(spec: RunnerSpec, pools: dict[str, Pool], rows: list[dict], clip_name: str) -> list[dict]:
+    """results.csv/json, per_prompt.csv and tradeoff.png in `spec.out_dir`; returns the table.
+
+    `pools`: per-image values of each setup and reference; `rows`: the per-prompt rows (per_prompt.csv);
+    `clip_name`: the CLIP model that scored them (recorded, and named in the plot's title).
+    """
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = summarize(spec, scorer.pools)
+    table = summarize(spec, pools)
     write_csv(table, out / "results.csv", TABLE_COLUMNS)
-    write_csv(scorer.rows, out / "per_prompt.csv")
+    write_csv(rows, out / "per_prompt.csv")
     record = {
         "metric": METRIC_NOTE,
         "interval": "95% Student-t interval of the mean; unit = one image (image similarity: samples of the "
@@ -93,7 +91,7 @@ def write_results(spec: RunnerSpec, scorer: Scorer, clip_name: str) -> list[dict
         "reconstruction_prompt": spec.reconstruction_prompt,
         "editing_prompts": spec.editing_prompts,
         "table": table,
-        "per_prompt": scorer.rows,
+        "per_prompt": rows,
         "spec": asdict(spec),
     }
     (out / "results.json").write_text(json.dumps(record, indent=1))

@@ -2,7 +2,7 @@
 
 A spec (YAML or JSON, see docs/EVALUATION.md) names the base model, the concepts (image folder and
 initializer word each), the prompts and the setups. For every (setup, concept) the runner trains an
-embedding with `main.py` (the official command line plus the setup's overrides), then samples every
+embedding with `ldm.training.train` (what `main.py` runs, plus the setup's options and overrides), then samples every
 prompt with the embedding and measures the CLIP metrics of `evaluation.clip_eval`:
 
 * image similarity (reconstruction): samples of the reconstruction prompt ("A photo of *") against the
@@ -21,6 +21,10 @@ of both metrics; the unit is one generated image, the interval Student-t), `per_
 
 Every (concept, prompt) uses the same seed in every setup (common random numbers), so setups differ by
 their embedding only.
+
+The spec's types and parsing (`Setup`, `Concept`, `RunnerSpec`, `CATALOGUE`, `REFERENCES`, `parse_setup`,
+`load_spec`) live in `evaluation.spec` and are re-exported here; the tables and files are written by
+`evaluation.results`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -43,187 +46,21 @@ from evaluation.clip_eval import (
     remove_placeholder,
     text_similarity_per_sample,
 )
-from evaluation.results import REFERENCES, Pool, write_results
+from evaluation.results import Pool, write_results
+from evaluation.spec import (  # noqa: F401  (re-exported: the spec's names were defined here before)
+    CATALOGUE,
+    REFERENCES,
+    Concept,
+    RunnerSpec,
+    Setup,
+    load_spec,
+    merge_options,
+    parse_setup,
+)
+from ldm.loading import load_model
+from ldm.training import train
 
 logger = logging.getLogger(__name__)
-
-_PM = "model.params.personalization_config.params"
-
-
-@dataclass
-class Setup:
-    """One training recipe: main.py flags and `key.path=value` overrides on top of the base config.
-
-    `optional_overrides` apply only where the config has the parent node (e.g. a validation split).
-    `{captions}` in an override is replaced by the concept's captions file. `embeddings` maps concept
-    names to existing embedding files, which are then used instead of training.
-    """
-
-    name: str
-    label: str = ""
-    args: list[str] = field(default_factory=list)
-    overrides: list[str] = field(default_factory=list)
-    optional_overrides: list[str] = field(default_factory=list)
-    embeddings: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def needs_captions(self) -> bool:
-        return any("{captions}" in o for o in self.overrides + self.optional_overrides)
-
-
-_CAPTIONS_TARGET = "evaluation.caption_data.CaptionedPersonalizedBase"
-
-#: The paper's setups. The regularisation weight is our choice (the paper does not state it here).
-CATALOGUE: dict[str, Setup] = {
-    s.name: s
-    for s in [
-        Setup("single_word", "Single word"),
-        Setup("two_words", "2 words", overrides=[f"{_PM}.num_vectors_per_token=2"]),
-        Setup("three_words", "3 words", overrides=[f"{_PM}.num_vectors_per_token=3"]),
-        Setup(
-            "progressive",
-            "Progressive (up to 3 words)",
-            overrides=[f"{_PM}.num_vectors_per_token=3", f"{_PM}.progressive_words=True"],
-        ),
-        Setup("regularized", "Reg. to coarse word", overrides=["model.params.embedding_reg_weight=0.01"]),
-        Setup(
-            "per_image_tokens",
-            "Per-image tokens",
-            overrides=[f"{_PM}.per_image_tokens=True", "data.params.train.params.per_image_tokens=True"],
-            optional_overrides=["data.params.validation.params.per_image_tokens=True"],
-        ),
-        Setup(
-            "high_lr",
-            "High LR (2e-2)",
-            args=["--scale_lr", "False"],
-            overrides=["model.base_learning_rate=0.02"],
-        ),
-        Setup(
-            "low_lr",
-            "Low LR (1e-4)",
-            args=["--scale_lr", "False"],
-            overrides=["model.base_learning_rate=0.0001"],
-        ),
-        Setup(
-            "human_captions",
-            "Human captions",
-            overrides=[
-                f"data.params.train.target={_CAPTIONS_TARGET}",
-                "data.params.train.params.captions_file={captions}",
-            ],
-            optional_overrides=[
-                f"data.params.validation.target={_CAPTIONS_TARGET}",
-                "data.params.validation.params.captions_file={captions}",
-            ],
-        ),
-    ]
-}
-
-
-@dataclass
-class Concept:
-    name: str
-    data_root: str
-    init_word: str
-    captions: str | None = None
-
-
-@dataclass
-class RunnerSpec:
-    """Everything a run needs; paths are relative to the working directory, as for main.py."""
-
-    config: str
-    ckpt: str
-    concepts: list[Concept]
-    prompts: list[str]
-    setups: list[Setup]
-    references: list[str] = field(default_factory=lambda: list(REFERENCES))
-    reconstruction_prompt: str = "A photo of *"
-    eval_config: str | None = None  # sampling config (default: `config`)
-    tokenizer_path: str | None = None  # the diffusion model's text tokenizer folder (offline use)
-    clip_model: str = "ViT-B/32"
-    clip_tokenizer: str | None = None
-    preprocess: str = "pil"
-    out_dir: str = "outputs/paper_setups"
-    seed: int = 23
-    max_steps: int = 5000
-    train_args: list[str] = field(default_factory=list)
-    train_overrides: list[str] = field(default_factory=list)
-    eval_overrides: list[str] = field(default_factory=list)
-    n_samples: int = 64
-    ddim_steps: int = 50
-    scale: float = 5.0
-    batch_size: int = 8
-    image_size: int = 256
-    device: str | None = None
-    save_grids: bool = True
-
-    def is_reconstruction(self, prompt: str) -> bool:
-        """Whether `prompt` is the reconstruction prompt (case and spacing ignored, as the tokenizers do)."""
-        return " ".join(prompt.lower().split()) == " ".join(self.reconstruction_prompt.lower().split())
-
-    @property
-    def all_prompts(self) -> list[str]:
-        """The prompts, the reconstruction prompt first (added when missing)."""
-        recon = next((p for p in self.prompts if self.is_reconstruction(p)), self.reconstruction_prompt)
-        return [recon, *[p for p in self.prompts if not self.is_reconstruction(p)]]
-
-    @property
-    def editing_prompts(self) -> list[str]:
-        """The prompts whose samples give the text similarity (all prompts if there is no other)."""
-        return [p for p in self.prompts if not self.is_reconstruction(p)] or self.all_prompts[:1]
-
-
-def _only_known(data: dict, cls, where: str) -> dict:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    return data
-
-
-def parse_setup(entry) -> Setup:
-    """A catalogue name, or a dict; a dict naming a catalogue entry extends it (its lists are appended)."""
-    if isinstance(entry, str):
-        if entry not in CATALOGUE:
-            raise ValueError(
-                f"unknown setup {entry!r}; the catalogue has {sorted(CATALOGUE)} (or give a dict)"
-            )
-        return Setup(**asdict(CATALOGUE[entry]))
-    data = _only_known(dict(entry), Setup, "setup")
-    if "name" not in data:
-        raise ValueError(f"setup {entry!r} has no name")
-    base = asdict(CATALOGUE[data["name"]]) if data["name"] in CATALOGUE else {"name": data["name"]}
-    for key in ("args", "overrides", "optional_overrides"):
-        base[key] = list(base.get(key, [])) + [str(v) for v in data.get(key, [])]
-    base["label"] = data.get("label") or base.get("label") or data["name"]
-    base["embeddings"] = {**base.get("embeddings", {}), **dict(data.get("embeddings", {}))}
-    return Setup(**base)
-
-
-def load_spec(source) -> RunnerSpec:
-    """A RunnerSpec from a YAML/JSON file path or a dict; unknown keys and unknown setups raise."""
-    if not isinstance(source, dict):
-        source = OmegaConf.to_container(OmegaConf.load(source), resolve=True)
-    data = _only_known(dict(source), RunnerSpec, "spec")
-    for key in ("config", "ckpt", "concepts", "prompts"):
-        if not data.get(key):
-            raise ValueError(f"spec: '{key}' is required")
-    data["concepts"] = [Concept(**_only_known(dict(c), Concept, "concept")) for c in data["concepts"]]
-    data["setups"] = [parse_setup(s) for s in data.get("setups") or []]
-    spec = RunnerSpec(**data)
-    bad = [r for r in spec.references if r not in REFERENCES]
-    if bad:
-        raise ValueError(f"spec: unknown reference(s) {bad}; choose from {list(REFERENCES)}")
-    names = [s.name for s in spec.setups] + list(spec.references)
-    if len(set(names)) != len(names):
-        raise ValueError(f"spec: setup names must be unique, got {names}")
-    for setup in spec.setups:
-        lacking = [c.name for c in spec.concepts if setup.needs_captions and not c.captions]
-        if lacking:
-            raise ValueError(f"setup {setup.name!r} needs a captions file for concept(s) {lacking}")
-    return spec
-
 
 # ---------------------------------------------------------------------------------------------------
 # Training
@@ -247,70 +84,54 @@ def setup_overrides(config_path: str, setup: Setup, concept: Concept) -> list[st
     return chosen
 
 
-def train_command(spec: RunnerSpec, setup: Setup, concept: Concept, logdir: Path) -> list[str]:
-    """The main.py argument list that trains `setup` on `concept`."""
-    argv = [
-        "--base",
-        spec.config,
-        "-t",
-        "--actual_resume",
-        spec.ckpt,
-        "-n",
-        f"{setup.name}_{concept.name}",
-        "--data_root",
-        concept.data_root,
-        "--logdir",
-        str(logdir),
-        "--init_word",
-        concept.init_word,
-        "--seed",
-        str(spec.seed),
-        "--max_steps",
-        str(spec.max_steps),
-        "--no-test",
-        "True",
-    ]
+def train_options(spec: RunnerSpec, setup: Setup, concept: Concept, logdir: Path) -> dict:
+    """The options of `ldm.training.train` that train `setup` on `concept` (JSON-serialisable): the runner's
+    own, then the spec's `train_options`, then the setup's `options`; the overrides in the same order."""
+    own = {
+        "base": [spec.config],
+        "actual_resume": spec.ckpt,
+        "name": f"{setup.name}_{concept.name}",
+        "data_root": concept.data_root,
+        "logdir": str(logdir),
+        "init_word": concept.init_word,
+        "seed": spec.seed,
+        "trainer": {"max_steps": spec.max_steps},
+        "no_test": True,
+    }
     if spec.tokenizer_path:
-        argv += ["--tokenizer_path", spec.tokenizer_path]
-    return (
-        argv
-        + list(spec.train_args)
-        + list(setup.args)
-        + list(spec.train_overrides)
-        + setup_overrides(spec.config, setup, concept)
-    )
+        own["tokenizer_path"] = spec.tokenizer_path
+    options = merge_options(own, spec.train_options, setup.options)
+    options["overrides"] = list(spec.train_overrides) + setup_overrides(spec.config, setup, concept)
+    return options
 
 
 def train_embedding(spec: RunnerSpec, setup: Setup, concept: Concept) -> Path:
-    """Path of the setup's embedding for `concept`: given, already trained, or trained now with main.py.
+    """Path of the setup's embedding for `concept`: given, already trained, or trained now.
 
-    A trained file is reused only if `<concept>.json` beside it records the same main.py arguments.
+    A trained file is reused only if `<concept>.json` beside it records the same training options.
     """
     if concept.name in setup.embeddings:
         return Path(setup.embeddings[concept.name])
     target = Path(spec.out_dir) / "embeddings" / setup.name / f"{concept.name}.pt"
     manifest = target.with_suffix(".json")
     logdir = Path(spec.out_dir) / "runs" / setup.name / concept.name
-    argv = train_command(spec, setup, concept, logdir)
+    options = train_options(spec, setup, concept, logdir)
     if target.is_file():
-        recorded = json.loads(manifest.read_text()).get("argv") if manifest.is_file() else None
-        if recorded != argv:
+        recorded = json.loads(manifest.read_text()).get("options") if manifest.is_file() else None
+        if recorded != options:
             raise ValueError(
-                f"{target} was trained with other settings than {argv}; delete it or use another out_dir"
+                f"{target} was trained with other settings than {options}; delete it or use another out_dir"
             )
         logger.info("reusing %s", target)
         return target
-    import main as train_main
-
-    code = train_main.main(argv)
-    if code:
-        raise RuntimeError(f"training {setup.name} on {concept.name} failed (main.py exit code {code})")
-    runs = sorted(logdir.glob("*/checkpoints/embeddings.pt"), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise RuntimeError(f"training {setup.name} on {concept.name} wrote no embeddings.pt under {logdir}")
+    base = options.pop("base")
+    result = train(base, **options)
+    options["base"] = base
+    if result.embeddings is None:
+        raise RuntimeError(f"training {setup.name} on {concept.name} wrote no embeddings.pt in {result.logdir}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(runs[-1], target)
-    manifest.write_text(json.dumps({"argv": argv, "run_dir": str(runs[-1].parent.parent)}, indent=1))
+    shutil.copy2(result.embeddings, target)
+    manifest.write_text(json.dumps({"options": options, "run_dir": str(result.logdir)}, indent=1))
     return target
 
 
@@ -402,12 +223,9 @@ def evaluate_setups(
     spec: RunnerSpec, embeddings: dict[tuple[str, str], Path], progress: bool = True
 ) -> Scorer:
     """Sample and score every setup, concept and prompt, and the references."""
-    from ldm.generation import load_model
-
     device = torch.device(spec.device or "cpu")
-    model = load_model(
-        spec.eval_config or spec.config, spec.ckpt, list(spec.eval_overrides), spec.tokenizer_path, device
-    )
+    model = load_model(spec.eval_config or spec.config, spec.ckpt, overrides=list(spec.eval_overrides),
+                       tokenizer_path=spec.tokenizer_path, device=device, attention="sdpa")
     evaluator = LDMCLIPEvaluator(
         device, spec.clip_model, tokenizer=spec.clip_tokenizer, preprocess=spec.preprocess
     )
@@ -450,4 +268,4 @@ def run(spec: RunnerSpec, progress: bool = True, train: bool = True) -> list[dic
                     raise FileNotFoundError(f"no embedding for {setup.name}/{concept.name}: {path}")
                 embeddings[(setup.name, concept.name)] = path
     scorer = evaluate_setups(spec, embeddings, progress)
-    return write_results(spec, scorer, scorer.evaluator.model_name)
+    return write_results(spec, scorer.pools, scorer.rows, scorer.evaluator.model_name)

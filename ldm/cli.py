@@ -1,6 +1,6 @@
 """Command-line pieces of `main.py`: flags, log-dir naming, resume, config merging, overrides, LR scaling.
 
-Pure functions, so each rule of the reference (spec sections 1.1-1.10) is tested on its own. Lightning 2
+Pure functions, so each rule of the official `main.py` is tested on its own. Lightning 2
 has no `Trainer.add_argparse_args`; the trainer flags users pass today are declared explicitly below and
 anything else can be set in YAML (`lightning.trainer.<key>=<value>` on the command line).
 """
@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from ldm.data.personalized import is_personalized
+from ldm.loading import set_model_options, set_tokenizer_path
+from ldm.models.diffusion.ddpm import DDPM
+from ldm.util import get_obj_from_str
 
 
 class UsageError(ValueError):
@@ -82,20 +87,25 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--init_word", type=str, help="word used to initialise the placeholder vector(s)")
     p.add_argument("--tokenizer_path", type=str, default=None,
                    help="local folder with the text encoder's tokenizer files (offline use)")
-    p.add_argument("--attention", choices=["sdpa", "math"], default="sdpa",
-                   help="attention kernel: PyTorch SDPA (default, same maths, faster) or the reference's math")
-    p.add_argument("--gradient_checkpointing", type=str2bool, nargs="?", const=True, default=False,
-                   help="recompute UNet transformer blocks in backward (less memory, same numbers, slower)")
-    p.add_argument("--frozen_weights", choices=["fp32", "bf16"], default="fp32",
-                   help="storage of the frozen weights: fp32 (faithful) or bf16 (half the memory, fp32 compute, "
-                        "weights rounded)")
+    p.add_argument("--attention", choices=["sdpa", "math"], default=None,
+                   help="attention kernel (model.params.attention): PyTorch SDPA (default unless the config "
+                        "says otherwise; same maths, faster) or the reference's math")
+    p.add_argument("--gradient_checkpointing", type=str2bool, nargs="?", const=True, default=None,
+                   help="recompute UNet activations in backward (model.params.gradient_checkpointing; less "
+                        "memory, same numbers, slower; default off)")
+    p.add_argument("--frozen_weights", choices=["fp32", "bf16"], default=None,
+                   help="storage of the frozen weights (model.params.frozen_weights): fp32 (default, faithful) "
+                        "or bf16 (half the memory, fp32 compute, weights rounded)")
+    p.add_argument("--cache_first_stage", type=str2bool, nargs="?", const=True, default=None,
+                   help="cache the training images' latent moments (model.params.cache_first_stage; exact; "
+                        "default on for textual inversion)")
     for flag, kind in TRAINER_FLAGS.items():
         p.add_argument(f"--{flag}", type=kind, default=None, help=argparse.SUPPRESS)
     return p
 
 
 BOOL_FLAGS = ("-t", "--train", "--no-test", "-d", "--debug", "--scale_lr", "--datadir_in_name",
-              "--gradient_checkpointing")
+              "--gradient_checkpointing", "--cache_first_stage")
 _BOOL_WORDS = {"yes", "true", "t", "y", "1", "no", "false", "f", "n", "0"}
 
 
@@ -154,13 +164,18 @@ def count_devices(trainer_cfg: dict) -> int:
     return max(1, int(text)) if text.lstrip("-").isdigit() and int(text) > 0 else 1
 
 
-def trainer_settings(yaml_trainer: dict, cli: argparse.Namespace) -> dict:
-    """Merge YAML `lightning.trainer` with the command-line trainer flags and translate `gpus`."""
+def trainer_flags(opt: argparse.Namespace) -> dict[str, Any]:
+    """The trainer flags given on the command line (TRAINER_FLAGS), by name."""
+    return {flag: getattr(opt, flag) for flag in TRAINER_FLAGS if getattr(opt, flag, None) is not None}
+
+
+def trainer_settings(yaml_trainer: dict, flags: dict[str, Any]) -> dict:
+    """Merge YAML `lightning.trainer` with the trainer flags (they win) and translate `gpus`."""
+    unknown = sorted(set(flags) - set(TRAINER_FLAGS))
+    if unknown:
+        raise UsageError(f"unknown trainer option(s) {unknown}; set others as lightning.trainer.<key>=<value>")
     cfg = dict(yaml_trainer)
-    for flag in TRAINER_FLAGS:
-        value = getattr(cli, flag, None)
-        if value is not None:
-            cfg[flag] = value
+    cfg.update({k: v for k, v in flags.items() if v is not None})
     gpus = cfg.pop("gpus", None)
     if gpus is not None and parse_gpus(gpus) != 0:  # `--gpus 0` meant "no GPU" in Lightning 1.x
         cfg.setdefault("accelerator", "gpu")
@@ -213,7 +228,7 @@ def timestamp() -> str:
     return stamp
 
 
-def run_dirs(opt: argparse.Namespace, now: str | None = None) -> RunDirs:
+def run_dirs(opt, now: str | None = None) -> RunDirs:
     """Log dir of a new run (`<datadir><now>_<name><postfix>`) or of the run being resumed."""
     now = now or timestamp()
     if opt.name and opt.resume:
@@ -264,10 +279,18 @@ def merge_configs(paths: list[str], dotlist: list[str]) -> DictConfig:
     return OmegaConf.merge(*configs, OmegaConf.from_dotlist(dotlist))
 
 
-def apply_overrides(config: DictConfig, opt: argparse.Namespace) -> None:
-    """The Textual Inversion command-line options, written into the config in one place (P5).
+def is_diffusion_model(model_config: DictConfig) -> bool:
+    """Whether the config's model is a `DDPM` (or `LatentDiffusion`), the class that has the speed options."""
+    cls = get_obj_from_str(str(model_config.get("target")))
+    return isinstance(cls, type) and issubclass(cls, DDPM)
 
-    The placeholder goes to the model AND to both datasets (the reference forgot the datasets, B1).
+
+def apply_overrides(config: DictConfig, opt) -> None:
+    """The command-line options (`main.py`'s flags or `TrainOptions`), written into the config in one place.
+
+    The placeholder goes to the model AND to the datasets (the reference updated only the model, so its
+    captions kept "*": docs/DIFFERENCES.md#placeholder-string-reaches-the-datasets). The speed options
+    become model options; `attention` is "sdpa" unless the flag or the config says otherwise.
     """
     model_params = config.model.params
     personalization = model_params.get("personalization_config")
@@ -281,16 +304,18 @@ def apply_overrides(config: DictConfig, opt: argparse.Namespace) -> None:
                 params.initializer_words = [opt.init_word]
             else:
                 params.initializer_words[0] = opt.init_word
-    elif opt.placeholder_string or opt.init_word or opt.embedding_manager_ckpt or opt.frozen_weights != "fp32":
-        raise UsageError("--placeholder_string/--init_word/--embedding_manager_ckpt/--frozen_weights need a "
+    elif opt.placeholder_string or opt.init_word or opt.embedding_manager_ckpt:
+        raise UsageError("--placeholder_string/--init_word/--embedding_manager_ckpt need a "
                          "config with model.params.personalization_config")
-    if opt.frozen_weights != "fp32":
-        model_params.frozen_weights = opt.frozen_weights
-    if opt.tokenizer_path:
-        cond = model_params.cond_stage_config
-        if "params" not in cond or cond.params is None:
-            cond.params = {}
-        cond.params.tokenizer_path = opt.tokenizer_path
+    speed = {"attention": opt.attention, "gradient_checkpointing": opt.gradient_checkpointing,
+             "frozen_weights": opt.frozen_weights, "cache_first_stage": opt.cache_first_stage}
+    if is_diffusion_model(config.model):
+        speed["attention"] = opt.attention or model_params.get("attention") or "sdpa"
+        set_model_options(model_params, **speed)
+    elif any(v is not None for v in speed.values()):
+        given = ", ".join(f"--{k}" for k, v in speed.items() if v is not None)
+        raise UsageError(f"{given}: options of diffusion models; model.target is {config.model.get('target')}")
+    set_tokenizer_path(model_params, opt.tokenizer_path)
     data = config.get("data")
     if data is not None:
         for split in ("train", "validation", "test"):
@@ -299,5 +324,5 @@ def apply_overrides(config: DictConfig, opt: argparse.Namespace) -> None:
                 continue
             if opt.data_root:
                 node.params.data_root = opt.data_root
-            if personalization is not None and "PersonalizedBase" in str(node.get("target", "")):
+            if personalization is not None and is_personalized(node):
                 node.params.placeholder_token = personalization.params.placeholder_strings[0]

@@ -1,12 +1,13 @@
 """Text-to-image sampling with learned words, shared by scripts/txt2img.py (LDM) and
 scripts/stable_txt2img.py (SD): one parser with per-script defaults, one run function.
 
-Behaviour of the reference scripts (spec 10.1-10.2): DDIM or PLMS, classifier-free guidance with the
+Behaviour of the official scripts: DDIM or PLMS, classifier-free guidance with the
 empty prompt, `n_iter` rounds of `n_samples`, numbered samples in `<outdir>/samples/` and one grid per
 run in `<outdir>`. Local changes: PNG files carrying the prompt, seed, scale, steps, sampler and embedding
 files in their text metadata; a seed always (recorded when drawn at random); several embedding files at
-once; optional starting noise from a file; any device (B17); the SD script's `--from-file` grid bug (B26)
-and the LDM script's hard-coded config (B27) are gone.
+once; optional starting noise from a file; any device (the official scripts assumed CUDA,
+docs/DIFFERENCES.md#samplers-any-device); the SD script's `--from-file` grid bug
+(#stable-txt2img-fixes) and the LDM script's hard-coded config (#txt2img-seed-and-config) are gone.
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ import re
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ldm.checkpoint import read_file
 from ldm.image_grid import make_grid, save_image, to_uint8
+from ldm.loading import load_model
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.scripts_common import default_device
-from ldm.util import instantiate_from_config
 
 
 def build_parser(description: str, defaults: dict) -> argparse.ArgumentParser:
@@ -63,17 +63,6 @@ def build_parser(description: str, defaults: dict) -> argparse.ArgumentParser:
     return p
 
 
-def load_model(config_path: str, ckpt: str, overrides: list[str], tokenizer_path: str | None, device):
-    """Build the model of a config with the checkpoint loaded strictly, in eval mode on `device`."""
-    config = OmegaConf.merge(OmegaConf.load(config_path), OmegaConf.from_dotlist(overrides))
-    config.model.params.ckpt_path = ckpt
-    if tokenizer_path:
-        cond = config.model.params.cond_stage_config
-        cond.params = cond.get("params") or {}
-        cond.params.tokenizer_path = tokenizer_path
-    return instantiate_from_config(config.model).eval().to(device)
-
-
 def read_prompts(opt) -> list[list[str]]:
     """Batches of n_samples prompts: the same prompt repeated, or the lines of --from-file."""
     if not opt.from_file:
@@ -90,7 +79,7 @@ def run(opt, overrides: list[str]) -> list[Path]:
     """Generate; returns the paths written."""
     device = torch.device(opt.device)  # chosen by the script (scripts_common.default_device)
     seed = opt.seed if opt.seed is not None else random.SystemRandom().randrange(2**31)
-    model = load_model(opt.config, opt.ckpt, overrides, opt.tokenizer_path, device)
+    model = load_model(opt.config, opt.ckpt, overrides=overrides, tokenizer_path=opt.tokenizer_path, device=device)
     embeddings = []
     if opt.embedding_path:
         if model.embedding_manager is None:

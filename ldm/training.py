@@ -1,6 +1,15 @@
-"""Assembly of a training run for `main.py`: loggers, callbacks, trainer, model, data.
+"""The one library entry point for a training run; `main.py` is a command line over it.
 
-Each function is one step of the reference's `main.py` (spec 1.2-1.8), on Lightning 2.
+    from ldm.training import train
+    run = train("configs/toy/invert.yaml", actual_resume="models/toy/toy_ldm.safetensors",
+                data_root="imgs/", name="ring", seed=0, trainer={"max_steps": 300}, no_test=True)
+    run.embeddings      # <logdir>/checkpoints/embeddings.pt
+    run.snapshots       # {step: <logdir>/checkpoints/embeddings_gs-<step>.pt}
+
+`TrainOptions` holds exactly what `main.py`'s flags say (same names, same defaults, except `train`, which is
+true here); `train(base, **options)` builds one and runs it. A run goes in two steps: `prepare` (configs,
+overrides, log folder name, data, model; raises one of `ldm.scripts_common.USER_ERRORS` before anything is
+written) and `fit` (Lightning). Each helper below is one step of the official `main.py`, on Lightning 2.
 """
 
 from __future__ import annotations
@@ -8,14 +17,205 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.cli import RunDirs, count_devices, learning_rate
-from ldm.util import instantiate_from_config
+from ldm.cli import (
+    RunDirs,
+    UsageError,
+    apply_overrides,
+    count_devices,
+    learning_rate,
+    merge_configs,
+    run_dirs,
+    trainer_settings,
+)
+from ldm.data.datamodule import DataModuleFromConfig
+from ldm.data.personalized import is_personalized
+from ldm.util import get_obj_from_str, instantiate_from_config
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOptions:
+    """A training run as `main.py`'s flags describe it (see `python main.py --help`).
+
+    `overrides` are `key.path=value` config overrides; `trainer` holds the trainer flags (`max_steps`,
+    `gpus`, `precision`, ...), which win over `lightning.trainer` in the YAML. The speed options
+    `attention`, `gradient_checkpointing`, `frozen_weights` and `cache_first_stage` are model options
+    (`model.params.*`); None keeps the config's value, except `attention`, which is "sdpa" unless the
+    config sets it.
+    """
+
+    base: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    train: bool = True
+    name: str = ""
+    resume: str = ""
+    no_test: bool = False
+    debug: bool = False
+    seed: int = 23
+    postfix: str = ""
+    logdir: str = "logs"
+    scale_lr: bool = True
+    datadir_in_name: bool = True
+    actual_resume: str = ""
+    data_root: str = ""
+    embedding_manager_ckpt: str = ""
+    placeholder_string: str | None = None
+    init_word: str | None = None
+    tokenizer_path: str | None = None
+    attention: str | None = None
+    gradient_checkpointing: bool | None = None
+    frozen_weights: str | None = None
+    cache_first_stage: bool | None = None
+    project: str | None = None  # accepted for command-line compatibility; unused, as in the reference
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+@dataclass
+class Run:
+    """What a finished (or interrupted) training run left behind."""
+
+    logdir: Path
+    config: DictConfig
+    global_step: int
+    metrics: dict[str, float]
+    interrupted: bool
+    model: Any = field(repr=False)
+    trainer: pl.Trainer = field(repr=False)
+
+    @property
+    def ckptdir(self) -> Path:
+        return self.logdir / "checkpoints"
+
+    @property
+    def last_ckpt(self) -> Path:
+        return self.ckptdir / "last.ckpt"
+
+    @property
+    def embeddings(self) -> Path | None:
+        """The final embedding file (`embeddings.pt`), or None for a run that trains no embedding."""
+        path = self.ckptdir / "embeddings.pt"
+        return path if path.is_file() else None
+
+    @property
+    def snapshots(self) -> dict[int, Path]:
+        """The embedding files saved during training, by global step."""
+        found = {}
+        for path in self.ckptdir.glob("embeddings_gs-*.pt"):
+            match = re.fullmatch(r"embeddings_gs-(\d+)\.pt", path.name)
+            if match:
+                found[int(match.group(1))] = path
+        return dict(sorted(found.items()))
+
+
+@dataclass
+class TrainingJob:
+    """A prepared run: everything `fit` needs, built before anything is written."""
+
+    dirs: RunDirs
+    config: DictConfig
+    lightning_config: DictConfig
+    trainer_cfg: dict
+    data: Any
+    model: Any
+
+
+def train(base: str | Sequence[str] = (), **options: Any) -> Run:
+    """Train as `main.py -t --base <base> ...` would, and return the `Run`. `options` are `TrainOptions`
+    fields; an unknown one is a TypeError naming it."""
+    unknown = sorted(set(options) - TrainOptions.names())
+    if unknown:
+        raise TypeError(f"train() got unknown option(s) {unknown}; see ldm.training.TrainOptions")
+    base = [str(base)] if isinstance(base, (str, os.PathLike)) else [str(b) for b in base]
+    opts = TrainOptions(base=base, **options)
+    return fit(prepare(opts), opts)
+
+
+def prepare(opts: TrainOptions) -> TrainingJob:
+    """Everything before training; raises one of USER_ERRORS before anything is written."""
+    dirs = run_dirs(opts)
+    pl.seed_everything(opts.seed, workers=True)
+    config = merge_configs(dirs.resume_configs + list(opts.base), list(opts.overrides))
+    if "model" not in config:
+        raise UsageError(f"no 'model' section in {' + '.join(opts.base) or 'the configs'}")
+    inverting = "personalization_config" in (config.model.get("params") or {})
+    if opts.train and inverting and not dirs.resume_ckpt and not opts.actual_resume:
+        raise UsageError("--actual_resume is required: the pretrained model checkpoint to invert against")
+    lightning_config = config.pop("lightning", None) or OmegaConf.create()
+    trainer_cfg = trainer_settings(dict(lightning_config.get("trainer", None) or {}), opts.trainer)
+    apply_overrides(config, opts)
+    if opts.actual_resume:
+        config.model.params.ckpt_path = opts.actual_resume
+    if "data" in config:
+        for split in ("train", "validation"):
+            node = config.data.params.get(split)
+            if node is not None and is_personalized(node) and "data_root" not in node.params:
+                raise UsageError(f"--data_root is required (data.params.{split}.params.data_root is not set)")
+    data = build_data(config, opts.seed) if "data" in config else None
+    model = instantiate_from_config(config.model)
+    lightning_config.trainer = trainer_cfg
+    return TrainingJob(dirs, config, lightning_config, trainer_cfg, data, model)
+
+
+def fit(job: TrainingJob, opts: TrainOptions) -> Run:
+    """Train (and test) a prepared run."""
+    dirs, model, data = job.dirs, job.model, job.data
+    callbacks = build_callbacks(dirs, job.config, job.lightning_config, model, opts.seed)
+    trainer = pl.Trainer(**job.trainer_cfg, logger=build_loggers(dirs, job.lightning_config), callbacks=callbacks,
+                         default_root_dir=dirs.logdir, use_distributed_sampler=False)
+    trainer.logdir = dirs.logdir
+    if data is not None:
+        set_learning_rate(model, job.config, job.trainer_cfg, opts.scale_lr)
+
+    def melk(*args):
+        if trainer.is_global_zero:
+            print("Summoning checkpoint.")
+        save_last(trainer, dirs)
+
+    if hasattr(signal, "SIGUSR1"):  # Windows has no SIGUSR1
+        signal.signal(signal.SIGUSR1, melk)
+
+    logdir = dirs.logdir
+    if opts.train:
+        try:
+            trainer.fit(model, data, ckpt_path=dirs.resume_ckpt, weights_only=True)
+        except Exception:
+            melk()
+            raise
+        finally:
+            if opts.debug and not dirs.resume_ckpt and trainer.is_global_zero:
+                logdir = move_to_debug_runs(dirs)
+        if not opts.debug:
+            save_last(trainer, dirs)
+    if not opts.no_test and not trainer.interrupted and data is not None and "test" in data.datasets:
+        trainer.test(model, data)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    return Run(Path(logdir), job.config, trainer.global_step, metrics, trainer.interrupted, model, trainer)
+
+
+def move_to_debug_runs(dirs: RunDirs) -> str:
+    """`--debug`: a fresh run's log dir ends up in <logdir parent>/debug_runs/<name> (as the reference)."""
+    target = os.path.join(os.path.dirname(dirs.logdir), "debug_runs", os.path.basename(dirs.logdir))
+    if not os.path.isdir(dirs.logdir):
+        return dirs.logdir
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(dirs.logdir, target)
+    print(f"--debug: moved {dirs.logdir} to {target}")
+    return target
 
 
 def build_loggers(dirs: RunDirs, lightning_config: DictConfig) -> list:
@@ -61,9 +261,10 @@ def build_callbacks(dirs: RunDirs, config: DictConfig, lightning_config: DictCon
 
 
 def build_data(config: DictConfig, seed: int):
-    """Instantiate and set up the data module; the run's seed makes the train loader resumable."""
+    """Instantiate and set up the data module; the run's seed makes our data module's order resumable."""
     data_cfg = config.data
-    if data_cfg.get("target") == "main.DataModuleFromConfig":
+    cls = get_obj_from_str(str(data_cfg.get("target")))
+    if isinstance(cls, type) and issubclass(cls, DataModuleFromConfig):
         data_cfg.params.seed = seed
     data = instantiate_from_config(data_cfg)
     data.prepare_data()

@@ -1,12 +1,13 @@
 """Small helpers shared across the package: config instantiation and tensor predicates.
 
 Public names kept from latent-diffusion (`ldm.util`): `instantiate_from_config`, `get_obj_from_str`,
-`exists`, `default`, `mean_flat`, `count_params`, `ismap`, `isimage`, `log_txt_as_img`.
+`exists`, `default`, `count_params`, `log_txt_as_img`. Dropped (unused): `mean_flat`, `ismap`, `isimage`.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import tempfile
@@ -56,6 +57,21 @@ def instantiate_from_config(config: Mapping | str, **kwargs: Any) -> Any:
     return get_obj_from_str(config["target"])(**params, **kwargs)
 
 
+def with_params(config: Any, values: Mapping[str, Any], only_if_accepted: bool = False) -> Any:
+    """A copy of the config node `config` with `values` added to its `params` (the node itself is kept).
+
+    Sentinel strings and empty `values` come back unchanged. With `only_if_accepted`, a value goes in only
+    if the target's constructor has a parameter of that name (model options that some classes lack).
+    """
+    if not values or not isinstance(config, Mapping) or "target" not in config:
+        return config
+    if only_if_accepted:
+        accepted = inspect.signature(get_obj_from_str(config["target"])).parameters
+        values = {k: v for k, v in values.items() if k in accepted}
+    params = {**dict(config.get("params", None) or {}), **values}
+    return {**dict(config), "params": params}
+
+
 def images_from_batch(batch: Mapping[str, Any], key: str) -> torch.Tensor:
     """Batch images [B, H, W, C] (channel-last, as the datasets give) -> contiguous float [B, C, H, W]."""
     x = batch[key]
@@ -75,24 +91,11 @@ def default(val: Any, d: Any) -> Any:
     return d() if callable(d) else d
 
 
-def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean over all dimensions but the batch one."""
-    return tensor.mean(dim=list(range(1, tensor.ndim)))
-
-
 def count_params(model: torch.nn.Module, verbose: bool = False) -> int:
     total = sum(p.numel() for p in model.parameters())
     if verbose:
         logger.info("%s has %.2f M params.", model.__class__.__name__, total * 1.0e-6)
     return total
-
-
-def ismap(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] > 3
-
-
-def isimage(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] in (1, 3)
 
 
 def log_txt_as_img(wh: tuple[int, int], xc: list[str], size: int = 10) -> torch.Tensor:

@@ -58,21 +58,17 @@ def parse_args(argv=None):
 
 
 def build(opt, overrides, switches):
+    """The model a variant trains: its switches are model options (see ldm/loading.py)."""
     import torch
-    from omegaconf import OmegaConf
 
-    from ldm.util import instantiate_from_config
+    from ldm.loading import load_model
 
-    cfg = OmegaConf.merge(OmegaConf.load(opt.config), OmegaConf.from_dotlist(overrides))
-    params = cfg.model.params
-    params.cache_first_stage = "cache" in switches
-    if "bf16w" in switches:
-        params.frozen_weights = "bf16"
-    if opt.tokenizer_path:
-        params.cond_stage_config.params = params.cond_stage_config.get("params") or {}
-        params.cond_stage_config.params.tokenizer_path = opt.tokenizer_path
     torch.manual_seed(0)
-    model = instantiate_from_config(cfg.model).to(opt.device)
+    model = load_model(opt.config, overrides=overrides, tokenizer_path=opt.tokenizer_path, device=opt.device,
+                       attention="sdpa" if "sdpa" in switches else "math",
+                       gradient_checkpointing="ckpt" in switches, cache_first_stage="cache" in switches,
+                       frozen_weights="bf16" if "bf16w" in switches else "fp32")
+    model.train()
     model.learning_rate = 1e-3
     return model
 
@@ -80,14 +76,9 @@ def build(opt, overrides, switches):
 def child(opt, overrides) -> dict:
     import torch
 
-    from ldm.modules import attention
-    from ldm.modules.diffusionmodules import util
-
     switches = set(opt.child.split(":")[0].split("+"))
     batch_size, precision = int(opt.child.split(":")[1]), opt.child.split(":")[2]
     torch.set_num_threads(opt.threads)
-    attention.set_attention_backend("sdpa" if "sdpa" in switches else "math")
-    util.set_gradient_checkpointing("ckpt" in switches)
     t0 = time.perf_counter()
     model = build(opt, overrides, switches)
     build_s = time.perf_counter() - t0

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from evaluation.clip_eval import LDMCLIPEvaluator, load_training_images  # noqa: E402
 from evaluation.preprocess import PREPROCESS_MODES  # noqa: E402
 from evaluation.ranking import CRITERIA, rank_candidates, save_ranking  # noqa: E402
-from ldm.generation import load_model  # noqa: E402
+from ldm.loading import load_model  # noqa: E402
 from ldm.scripts_common import run_script  # noqa: E402
 
 
@@ -61,7 +61,8 @@ def rank(opt, overrides: list[str]) -> list[Path]:
         raise ValueError("--criterion image needs --data_dir")
     device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seed = opt.seed if opt.seed is not None else random.SystemRandom().randrange(2**31)
-    model = load_model(opt.config, opt.ckpt_path, overrides, opt.tokenizer_path, device)
+    model = load_model(opt.config, opt.ckpt_path, overrides=overrides, tokenizer_path=opt.tokenizer_path,
+                       device=device)
     if opt.embedding_path:
         model.embedding_manager.load_files(opt.embedding_path)
     evaluator = LDMCLIPEvaluator(

@@ -10,7 +10,8 @@ prompt with `*` removed), both raw CLIP cosine similarities (not CLIPScore), and
 `<out_dir>/clip_eval.json` and `clip_eval.csv`. `--coverage` also runs the appendix-B coverage test on
 `--coverage_samples` samples of `--coverage_prompt` (`coverage.json`/`coverage.csv`).
 
-Local changes: the results are printed (the reference crashed on an undefined `opt.out_dir` first, B25);
+Local changes: the results are printed (the reference crashed on an undefined `opt.out_dir` first,
+docs/DIFFERENCES.md#evaluate-model-prints);
 seed, config, CLIP model, sample count, steps, scale, device and tokenizer folder are flags; results and
 settings are written as JSON and CSV. Trailing `key.path=value` arguments override the config.
 """
@@ -32,7 +33,7 @@ import torch  # noqa: E402
 from evaluation.clip_eval import METRIC_NOTE, LDMCLIPEvaluator, load_training_images  # noqa: E402
 from evaluation.coverage import coverage_table, evaluate_coverage, mean_confidence_interval  # noqa: E402
 from evaluation.preprocess import PREPROCESS_MODES  # noqa: E402
-from ldm.generation import load_model  # noqa: E402
+from ldm.loading import load_model  # noqa: E402
 from ldm.scripts_common import run_script  # noqa: E402
 
 
@@ -97,7 +98,8 @@ def append_csv(path: Path, rows: list[dict]) -> None:
 def evaluate(opt, overrides: list[str]) -> dict:
     device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seed = opt.seed if opt.seed is not None else random.SystemRandom().randrange(2**31)
-    model = load_model(opt.config, opt.ckpt_path, overrides, opt.tokenizer_path, device)
+    model = load_model(opt.config, opt.ckpt_path, overrides=overrides, tokenizer_path=opt.tokenizer_path,
+                       device=device)
     if opt.embedding_path:
         if model.embedding_manager is None:
             raise ValueError(f"{opt.config} has no personalization_config: it cannot use --embedding_path")

@@ -18,7 +18,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from evaluation.setups import CATALOGUE, REFERENCES, load_spec, run  # noqa: E402
+from evaluation.setups import run  # noqa: E402
+from evaluation.spec import CATALOGUE, REFERENCES, load_spec  # noqa: E402
 from ldm.scripts_common import USER_ERRORS  # noqa: E402
 
 # Spec fields that can also be set on the command line (they win over the spec file).
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     opt = build_parser().parse_args(argv)
     if opt.list_setups:
         for setup in CATALOGUE.values():
-            print(f"{setup.name:18} {setup.label:28} {' '.join(setup.args + setup.overrides)}")
+            print(f"{setup.name:18} {setup.label:28} {setup.options or ''} {' '.join(setup.overrides)}")
         for name, label in REFERENCES.items():
             print(f"{name:18} {label:28} (reference, no training)")
         return 0
@@ -60,9 +61,10 @@ def main(argv=None) -> int:
             if getattr(opt, name) is not None:
                 setattr(spec, name, getattr(opt, name))
         spec.device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        device_flags = {"--gpus", "--devices", "--accelerator"} & set(spec.train_args)
-        if spec.device.startswith("cuda") and not device_flags:  # train on the evaluation GPU
-            spec.train_args = [*spec.train_args, "--gpus", f"{torch.device(spec.device).index or 0},"]
+        trainer = dict(spec.train_options.get("trainer", {}))
+        if spec.device.startswith("cuda") and not {"gpus", "devices", "accelerator"} & set(trainer):
+            trainer["gpus"] = f"{torch.device(spec.device).index or 0},"  # train on the evaluation GPU
+            spec.train_options = {**spec.train_options, "trainer": trainer}
         table = run(spec, train=not opt.eval_only)
     except USER_ERRORS as e:
         print(f"run_paper_setups.py: error: {e}", file=sys.stderr)

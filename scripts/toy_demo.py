@@ -1,7 +1,7 @@
 """Invert a concept on the bundled toy model and use the new word in new prompts (the README's first job).
 
 1. write 5 images of the never-named shape (ring), balanced over colour, background and position;
-2. invert them into `*` with main.py and configs/toy/invert.yaml (the official recipe at toy size);
+2. invert them into `*` with the training API and configs/toy/invert.yaml (the official recipe at toy size);
 3. sample prompts that put `*` in new settings, score every sample with the attribute scorer;
 4. write a contact sheet (training images, then one row per prompt) and a metrics JSON.
 
@@ -19,16 +19,15 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import main as train_main  # noqa: E402
 from ldm.data.toy_world import write_concept_images  # noqa: E402
 from ldm.image_grid import make_grid, save_image, to_uint8  # noqa: E402
+from ldm.loading import load_model  # noqa: E402
 from ldm.scripts_common import run_script  # noqa: E402
 from ldm.toy import gates  # noqa: E402
 from ldm.toy.scorer import load_scorer  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.training import train  # noqa: E402
 
 PROMPTS = [("a photo of a *", None), ("a * on the left", ("position", "left")), ("a red *", ("color", "red")),
            ("a * on a black background", ("background", "black"))]
@@ -54,16 +53,12 @@ def run(opt, overrides):
         raise FileNotFoundError(f"toy model not found: {opt.ckpt} (see README, 'The toy world and its model')")
     t0, out = time.time(), Path(opt.outdir)
     images = [path for path, _ in write_concept_images(out / "data", opt.shape, n=5, seed=opt.seed)]
-    code = train_main.main(["--base", opt.config, "-t", "--actual_resume", opt.ckpt, "-n", "toy_demo",
-                            "--data_root", str(out / "data"), "--logdir", str(out / "logs"), "--seed", str(opt.seed),
-                            "--max_steps", str(opt.steps), "--no-test"])
-    if code:
-        raise RuntimeError("inversion failed (see the messages above)")
-    run_dir = sorted((out / "logs").iterdir())[-1]
-    cfg = OmegaConf.load(opt.config)
-    cfg.model.params.ckpt_path = opt.ckpt
-    model = instantiate_from_config(cfg.model).eval()
-    model.embedding_manager.load(run_dir / "checkpoints" / "embeddings.pt")
+    run = train(opt.config, actual_resume=opt.ckpt, name="toy_demo", data_root=str(out / "data"),
+                logdir=str(out / "logs"), seed=opt.seed, trainer={"max_steps": opt.steps}, no_test=True)
+    embeddings = run.embeddings
+    del run  # the trained model; sampling uses a fresh one in eval mode with the saved file, as before
+    model = load_model(opt.config, opt.ckpt, attention="sdpa")
+    model.embedding_manager.load(embeddings)
     scorer = load_scorer(opt.scorer)
     rows = [torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images]))
             .permute(0, 3, 1, 2).float() / 127.5 - 1]

@@ -4,7 +4,8 @@
     python scripts/toy_gates.py --stage ae --ae_ckpt models/toy/autoencoder.safetensors
 
 Concepts: the never-named shape (ring) and a named shape treated as a deleted word (star); each inverted
-from 5 images balanced over colour, background and position, for every seed, with main.py.
+from 5 images balanced over colour, background and position, for every seed, with the
+training API (`ldm.training.train`).
 """
 
 import argparse
@@ -17,14 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
-import main as train_main  # noqa: E402
 from ldm.data.toy_world import write_concept_images  # noqa: E402
+from ldm.loading import load_model  # noqa: E402
 from ldm.scripts_common import run_script  # noqa: E402
 from ldm.toy import gates  # noqa: E402
 from ldm.toy.scorer import load_scorer  # noqa: E402
-from ldm.util import atomic_write, instantiate_from_config  # noqa: E402
+from ldm.training import train  # noqa: E402
+from ldm.util import atomic_write  # noqa: E402
 
 CONCEPTS = {"ring": "ring", "star": "star"}  # concept shape -> its true word
 INIT_WORD = "shape"
@@ -50,14 +51,8 @@ def parser():
     return p
 
 
-def load_model(opt):
-    cfg = OmegaConf.load(opt.config)
-    cfg.model.params.ckpt_path = opt.ckpt
-    return instantiate_from_config(cfg.model).eval()
-
-
 def invert(opt, shape: str, seed: int) -> Path:
-    """Invert `shape` with main.py, or reuse an earlier inversion made from the same checkpoint and recipe."""
+    """Invert `shape`, or reuse an earlier inversion made from the same checkpoint and recipe."""
     out = Path(opt.out) / "inversions" / f"{shape}_seed{seed}"
     emb, stamp = out / "embeddings.pt", out / "source.json"
     ckpt = Path(opt.ckpt).resolve()
@@ -69,14 +64,10 @@ def invert(opt, shape: str, seed: int) -> Path:
     if out.exists():
         shutil.rmtree(out)  # made from another checkpoint or recipe
     write_concept_images(out / "images", shape, n=5, seed=seed)
-    code = train_main.main(["--base", opt.config, "-t", "--actual_resume", opt.ckpt, "-n", f"{shape}_{seed}",
-                            "--data_root", str(out / "images"), "--logdir", str(out / "logs"), "--seed", str(seed),
-                            "--max_steps", str(opt.inversion_steps), "--no-test", "--datadir_in_name", "False",
-                            "lightning.callbacks.image_logger.params.disabled=true"])
-    if code:
-        raise RuntimeError(f"inversion of {shape} (seed {seed}) failed")
-    run = sorted((out / "logs").iterdir())[-1]
-    shutil.copyfile(run / "checkpoints" / "embeddings.pt", emb)
+    run = train(opt.config, actual_resume=opt.ckpt, name=f"{shape}_{seed}", data_root=str(out / "images"),
+                logdir=str(out / "logs"), seed=seed, trainer={"max_steps": opt.inversion_steps}, no_test=True,
+                datadir_in_name=False, overrides=["lightning.callbacks.image_logger.params.disabled=true"])
+    shutil.copyfile(run.embeddings, emb)
     stamp.write_text(json.dumps(source))  # written last: its presence means the inversion finished
     return emb
 
@@ -111,12 +102,10 @@ def run(opt, overrides):
     scorer = load_scorer(opt.scorer)
     report = {"seeds": opt.seeds, "samples_per_prompt": opt.samples, "ckpt": opt.ckpt}
     if opt.stage in ("ae", "all"):
-        cfg = OmegaConf.load(opt.ae_config)
-        cfg.model.params.ckpt_path = opt.ae_ckpt
-        acc = gates.autoencoder_gate(instantiate_from_config(cfg.model).eval(), scorer)
+        acc = gates.autoencoder_gate(load_model(opt.ae_config, opt.ae_ckpt), scorer)
         report["AE"] = {"accuracy": acc, "pass": all(v >= gates.AE_MIN for v in acc.values())}
     if opt.stage in ("g1", "concepts", "all"):
-        model = load_model(opt)
+        model = load_model(opt.config, opt.ckpt, attention="sdpa")
         if opt.stage in ("g1", "all"):
             report["G1"] = gates.g1_adherence(model, scorer, gates.g1_cases(opt.g1_cases), opt.seeds, opt.samples)
         if opt.stage in ("concepts", "all"):

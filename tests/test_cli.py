@@ -1,4 +1,4 @@
-"""Command-line rules of main.py (spec 1.1-1.10, B1, B6) and the resumable data order
+"""Command-line rules of main.py (docs/DIFFERENCES.md#training-command-line) and the resumable data order
 (ldm/data/resumable.py)."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ldm.cli import (
     parse_gpus,
     run_dirs,
     timestamp,
+    trainer_flags,
     trainer_settings,
 )
 from ldm.data.resumable import KeyedDataset, ResumableDataLoader, ResumableSampler
@@ -42,8 +43,12 @@ def opts(*argv: str):
     return opt
 
 
+def flags(*argv: str) -> dict:
+    return trainer_flags(opts(*argv))
+
+
 # ---------------------------------------------------------------------------------------------------
-# --gpus and trainer settings (B6)
+# --gpus and trainer settings (docs/DIFFERENCES.md#gpus-parsing)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -60,7 +65,7 @@ def test_parse_gpus_rejects(value):
 
 
 def test_trainer_settings_gpu_index():
-    cfg = trainer_settings({}, opts("--gpus", "0,"))
+    cfg = trainer_settings({}, flags("--gpus", "0,"))
     assert cfg["accelerator"] == "gpu"
     assert cfg["devices"] == [0]
     assert "gpus" not in cfg
@@ -69,30 +74,30 @@ def test_trainer_settings_gpu_index():
 
 
 def test_trainer_settings_two_gpus_use_ddp():
-    cfg = trainer_settings({}, opts("--gpus", "0,1"))
+    cfg = trainer_settings({}, flags("--gpus", "0,1"))
     assert cfg["devices"] == [0, 1] and cfg["accelerator"] == "gpu" and cfg["strategy"] == "ddp"
     assert count_devices(cfg) == 2
-    cfg = trainer_settings({"devices": 2, "accelerator": "gpu"}, opts())
+    cfg = trainer_settings({"devices": 2, "accelerator": "gpu"}, {})
     assert cfg["strategy"] == "ddp" and count_devices(cfg) == 2
-    cfg = trainer_settings({"gpus": 2}, opts())  # an int count in YAML
+    cfg = trainer_settings({"gpus": 2}, flags())  # an int count in YAML
     assert cfg == {"accelerator": "gpu", "devices": 2, "strategy": "ddp"}
 
 
 def test_trainer_settings_gpu_count_string():
-    cfg = trainer_settings({}, opts("--gpus", "1"))
+    cfg = trainer_settings({}, flags("--gpus", "1"))
     assert cfg["devices"] == 1 and cfg["accelerator"] == "gpu" and "strategy" not in cfg
 
 
 def test_trainer_settings_cpu_default_keeps_yaml():
-    assert trainer_settings({}, opts()) == {"accelerator": "cpu"}
-    cfg = trainer_settings({"benchmark": True, "max_steps": 6100}, opts())
+    assert trainer_settings({}, flags()) == {"accelerator": "cpu"}
+    cfg = trainer_settings({"benchmark": True, "max_steps": 6100}, {})
     assert cfg == {"benchmark": True, "max_steps": 6100, "accelerator": "cpu"}
     assert count_devices(cfg) == 1
 
 
 def test_trainer_settings_cli_overrides_yaml():
     yaml = {"max_steps": 6100, "accumulate_grad_batches": 2, "gpus": "0,", "strategy": "ddp_spawn"}
-    cfg = trainer_settings(yaml, opts("--max_steps", "10", "--gpus", "1,2", "--precision", "16-mixed"))
+    cfg = trainer_settings(yaml, flags("--max_steps", "10", "--gpus", "1,2", "--precision", "16-mixed"))
     assert cfg["max_steps"] == 10
     assert cfg["accumulate_grad_batches"] == 2
     assert cfg["devices"] == [1, 2]
@@ -102,9 +107,9 @@ def test_trainer_settings_cli_overrides_yaml():
 
 
 def test_trainer_settings_devices_string():
-    assert trainer_settings({"devices": "0,1"}, opts())["devices"] == [0, 1]
-    assert trainer_settings({"devices": "auto"}, opts())["devices"] == "auto"
-    assert trainer_settings({}, opts("--devices", "2"))["devices"] == 2
+    assert trainer_settings({"devices": "0,1"}, {})["devices"] == [0, 1]
+    assert trainer_settings({"devices": "auto"}, flags())["devices"] == "auto"
+    assert trainer_settings({}, flags("--devices", "2"))["devices"] == 2
 
 
 @pytest.mark.parametrize(("cfg", "n"), [({}, 1), ({"devices": None}, 1), ({"devices": "auto"}, 1),
@@ -116,7 +121,7 @@ def test_count_devices(cfg, n):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Learning-rate scaling (spec 1.9)
+# Learning-rate scaling (the reference's rule)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -144,7 +149,7 @@ def test_learning_rate_without_scaling():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Log directories and resume (spec 1.6, 1.10)
+# Log directories and resume (the reference's naming and layout)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -232,7 +237,7 @@ def test_resume_dir_without_last_ckpt(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Config merging and overrides (spec 1.3, 1.5, B1)
+# Config merging and overrides (docs/DIFFERENCES.md#placeholder-string-reaches-the-datasets)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -278,7 +283,7 @@ def test_apply_overrides_placeholder_everywhere():
     assert config.model.params.cond_stage_config.params.tokenizer_path == "/tok/clip"
     for split in ("train", "validation"):
         node = config.data.params[split].params
-        assert node.placeholder_token == "@"  # B1: the reference left the datasets on '*'
+        assert node.placeholder_token == "@"  # the reference left the datasets on '*'
         assert node.data_root == "/imgs/cat"
 
 
@@ -335,6 +340,32 @@ def test_apply_overrides_needs_personalization(flag):
     with pytest.raises(UsageError, match="personalization_config"):
         apply_overrides(config, opts(*flag))
     apply_overrides(merge_configs([str(NO_TI_CONFIG)], []), opts())  # no TI flags: fine
+
+
+def test_speed_flags_become_model_options():
+    config = _sd_config()
+    apply_overrides(config, opts())
+    assert config.model.params.attention == "sdpa"  # main.py's default kernel
+    for key in ("gradient_checkpointing", "frozen_weights", "cache_first_stage"):
+        assert key not in config.model.params  # unset flags leave the config's (or the model's) default
+    config = _sd_config()
+    config.model.params.attention = "math"
+    apply_overrides(config, opts("--gradient_checkpointing", "--frozen_weights", "bf16", "--cache_first_stage",
+                                 "false"))
+    params = config.model.params
+    assert (params.attention, params.gradient_checkpointing, params.frozen_weights, params.cache_first_stage) == (
+        "math", True, "bf16", False)  # the config's kernel is kept when no flag says otherwise
+    config = _sd_config()
+    apply_overrides(config, opts("--attention", "math"))
+    assert config.model.params.attention == "math"
+
+
+def test_speed_flags_need_a_diffusion_model(tmp_path):
+    ae = merge_configs([str(REPO / "configs" / "toy" / "autoencoder.yaml")], [])
+    apply_overrides(ae, opts())  # no speed flag: an autoencoder config trains as before
+    assert "attention" not in ae.model.params
+    with pytest.raises(UsageError, match="--gradient_checkpointing"):
+        apply_overrides(ae, opts("--gradient_checkpointing"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -554,11 +585,5 @@ def test_loader_state_before_any_batch():
 
 
 def test_gpus_zero_means_cpu_as_in_lightning_1():
-    from argparse import Namespace
-
-    from ldm.cli import TRAINER_FLAGS, trainer_settings
-
-    cli = Namespace(**{f: None for f in TRAINER_FLAGS})
-    cli.gpus = "0"
-    cfg = trainer_settings({}, cli)
+    cfg = trainer_settings({}, flags("--gpus", "0"))
     assert cfg["accelerator"] == "cpu" and "devices" not in cfg

@@ -21,16 +21,8 @@ from PIL import Image, ImageDraw
 from evaluation.caption_data import CaptionedPersonalizedBase
 from evaluation.clip_eval import LDMCLIPEvaluator, load_training_images
 from evaluation.results import TABLE_COLUMNS
-from evaluation.setups import (
-    CATALOGUE,
-    Concept,
-    load_spec,
-    parse_setup,
-    run,
-    setup_overrides,
-    train_command,
-    train_embedding,
-)
+from evaluation.setups import run, setup_overrides, train_embedding, train_options
+from evaluation.spec import CATALOGUE, Concept, load_spec, parse_setup
 
 CONFIG = REPO / "configs" / "toy" / "tiny-demo.yaml"
 TOKENIZER = REPO / "assets" / "tokenizers" / "tiny-words"
@@ -169,9 +161,15 @@ def test_every_catalogue_setup_applies_to_the_config(tmp_path):
         merged = merge_configs([str(CONFIG)], setup_overrides(str(CONFIG), CATALOGUE[name], concept))
         for key, value in values.items():
             assert OmegaConf.select(merged, key) == value, (name, key)
-    argv = train_command(load_spec(spec_dict(tmp_path)), CATALOGUE["high_lr"], concept, tmp_path)
-    assert argv[argv.index("--scale_lr") + 1] == "False" and "model.base_learning_rate=0.02" in argv
-    assert argv[argv.index("--init_word") + 1] == "ring" and argv[argv.index("--max_steps") + 1] == "5"
+    spec = load_spec(spec_dict(tmp_path, train_options={"trainer": {"precision": "32"}, "scale_lr": True}))
+    options = train_options(spec, CATALOGUE["high_lr"], concept, tmp_path)
+    assert options["scale_lr"] is False and "model.base_learning_rate=0.02" in options["overrides"]  # setup wins
+    assert options["init_word"] == "ring" and options["trainer"] == {"max_steps": 5, "precision": "32"}
+    assert options["logdir"] == str(tmp_path) and options["no_test"] is True
+    for bad_options, message in (({"max_step": 3}, "unknown training option"), ({"seed": 1}, "set by the runner"),
+                                 ({"trainer": 3}, "must be a mapping")):
+        with pytest.raises(ValueError, match=message):
+            load_spec(spec_dict(tmp_path, setups=[{"name": "mine", "options": bad_options}]))
     bad = parse_setup({"name": "mine", "overrides": ["model.params.no_such_node.x=1"]})
     with pytest.raises(ValueError, match="no_such_node"):
         setup_overrides(str(CONFIG), bad, concept)
@@ -356,7 +354,7 @@ def test_evaluate_model_prints_and_writes_results(workspace, runner_output, tmp_
         float(line.split(": ")[1]) for line in lines if line.startswith(("Image similarity", "Text sim"))
     ]
     (record,) = json.loads((tmp_path / "clip_eval.json").read_text())
-    assert printed == [record["image_similarity"], record["text_similarity"]]  # B25: results are printed
+    assert printed == [record["image_similarity"], record["text_similarity"]]  # reference: never printed
     assert (
         record["seed"] == 11
         and record["scored_text"] == "a photo of "
@@ -405,9 +403,9 @@ def test_clip_rank_saves_candidates_and_best(workspace, runner_output, tmp_path)
 
 
 def test_ldm_evaluator_partial_batches_and_seeding(workspace):
-    from ldm.generation import load_model
+    from ldm.loading import load_model
 
-    model = load_model(str(CONFIG), str(workspace / "base.ckpt"), [], str(TOKENIZER), torch.device("cpu"))
+    model = load_model(str(CONFIG), str(workspace / "base.ckpt"), tokenizer_path=str(TOKENIZER))
     evaluator = LDMCLIPEvaluator("cpu", str(workspace / "clip"))
     src = load_training_images(workspace / "rings", 32)
 

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, fixture_path, parity_config
+from conftest import REPO, fixture_path, parity_config, parity_weights
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import main as train_main
-from ldm.cli import parse_args
+from ldm.cli import TRAINER_FLAGS, get_parser
 from ldm.modules.embedding_formats import read_embeddings
+from ldm.training import Run, TrainOptions, fit, prepare
 
 FAST = [  # keep a 20-step CPU run to a few seconds
     "data.params.batch_size=2",
@@ -38,7 +39,7 @@ def tiny(tmp_path_factory):
     cfg = parity_config("ldm_tiny")
     # the fixture's weights: random everywhere (a freshly initialised UNet zero-inits its attention output
     # projections, so the text, and with it the embedding, would get no gradient)
-    sd = load_file(str(fixture_path("parity", "ldm_tiny", "model.safetensors")))
+    sd = load_file(str(parity_weights("ldm_tiny")))
     base = {k: v for k, v in sd.items() if not k.startswith("embedding_manager.")}
     torch.save({"state_dict": base}, root / "base.ckpt")
     OmegaConf.save(cfg, root / "tiny.yaml")
@@ -51,18 +52,21 @@ def args(tiny, logdir, *extra, steps=20, name="run"):
             "--logdir", str(logdir), "--max_steps", str(steps), "--no-test", *extra, *FAST]
 
 
-def train(argv):
-    opt, unknown = parse_args(argv)
-    prepared = train_main.prepare(opt, unknown)
-    trainer = train_main.run(opt, *prepared)
-    return trainer, prepared[-1], prepared[0]
+def train(argv) -> Run:
+    """A run through main.py's own path: its command line turned into TrainOptions, then prepare and fit."""
+    opts = train_main.options_from_args(argv)
+    return fit(prepare(opts), opts)
 
 
 def test_end_to_end_writes_files_and_learns_only_the_embedding(tiny, tmp_path):
     _, _, base, _ = tiny
-    trainer, model, dirs = train(args(tiny, tmp_path / "logs"))
-    assert trainer.global_step == 20
-    run = Path(dirs.logdir)
+    result = train(args(tiny, tmp_path / "logs"))
+    model = result.model
+    assert result.global_step == 20 and result.trainer.global_step == 20
+    run = result.logdir
+    assert result.embeddings == run / "checkpoints" / "embeddings.pt"
+    assert result.snapshots == {s: run / "checkpoints" / f"embeddings_gs-{s}.pt" for s in (10, 20)}
+    assert result.last_ckpt.is_file() and set(result.metrics) >= {"train/loss_step"}
     assert run.name.startswith("data_images") and run.name.endswith("_run")
     ckpts = run / "checkpoints"
     for f in ("embeddings.pt", "embeddings_gs-10.pt", "embeddings_gs-20.pt", "last.ckpt"):
@@ -89,10 +93,10 @@ def test_end_to_end_writes_files_and_learns_only_the_embedding(tiny, tmp_path):
 
 
 def test_resume_is_exact(tiny, tmp_path):
-    _, _, straight_dirs = train(args(tiny, tmp_path / "a", steps=20))
-    _, _, first = train(args(tiny, tmp_path / "b", steps=10))
-    trainer, _, resumed = train(["--resume", first.logdir, "--max_steps", "20", "--no-test", "-t", *FAST])
-    assert trainer.global_step == 20 and resumed.logdir == first.logdir
+    straight_dirs = train(args(tiny, tmp_path / "a", steps=20))
+    first = train(args(tiny, tmp_path / "b", steps=10))
+    resumed = train(["--resume", str(first.logdir), "--max_steps", "20", "--no-test", "-t", *FAST])
+    assert resumed.global_step == 20 and resumed.logdir == first.logdir
     a = read_embeddings(Path(straight_dirs.logdir) / "checkpoints" / "embeddings.pt").vectors["*"]
     b = read_embeddings(Path(first.logdir) / "checkpoints" / "embeddings.pt").vectors["*"]
     assert (a - b).abs().max().item() <= 1e-6
@@ -102,8 +106,8 @@ def test_resume_is_exact(tiny, tmp_path):
 
 
 def test_placeholder_string_reaches_model_and_captions(tiny, tmp_path):
-    _, model, dirs = train(args(tiny, tmp_path / "logs", "--placeholder_string", "@", "--init_word", "painting",
-                                steps=2))
+    dirs = train(args(tiny, tmp_path / "logs", "--placeholder_string", "@", "--init_word", "painting", steps=2))
+    model = dirs.model
     assert list(model.embedding_manager.string_to_token_dict) == ["@"]
     cfg = OmegaConf.load(next((Path(dirs.logdir) / "configs").glob("*-project.yaml")))
     assert cfg.data.params.train.params.placeholder_token == "@"
@@ -152,6 +156,7 @@ def test_bad_input_fails_cleanly(tiny, tmp_path, capsys, case):
     assert sorted(os.listdir(logdir)) == ["keep.txt"] and (logdir / "keep.txt").read_text() == "untouched"
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tiny, tmp_path):
     """Two gloo processes: same embedding on both ranks (checked by EmbeddingSyncCheck), one set of files."""
     argv = args(tiny, tmp_path / "logs", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", steps=6)
@@ -175,21 +180,49 @@ def test_data_root_is_required(tiny, tmp_path, capsys):
 
 
 def test_debug_run_moves_to_debug_runs(tiny, tmp_path):
-    opt, unknown = parse_args(args(tiny, tmp_path / "logs", "-d", steps=2))
-    prepared = train_main.prepare(opt, unknown)
-    train_main.run(opt, *prepared)
-    name = Path(prepared[0].logdir).name
+    run = train(args(tiny, tmp_path / "logs", "-d", steps=2))
+    name = run.logdir.name
+    assert run.logdir == tmp_path / "logs" / "debug_runs" / name
     assert (tmp_path / "logs" / "debug_runs" / name / "configs").is_dir()
     assert not (tmp_path / "logs" / name).exists()
 
 
 def test_frozen_weights_bf16_trains_the_fp32_embedding(tiny, tmp_path):
     _, _, base, _ = tiny
-    trainer, model, _ = train(args(tiny, tmp_path / "logs", "--frozen_weights", "bf16", steps=4))
-    assert trainer.global_step == 4
+    run = train(args(tiny, tmp_path / "logs", "--frozen_weights", "bf16", steps=4))
+    model = run.model
+    assert run.global_step == 4
     sd = model.state_dict()
     w = "model.diffusion_model.input_blocks.0.0.weight"
     assert sd[w].dtype == torch.bfloat16 and torch.equal(sd[w], base[w].to(torch.bfloat16))
     vector = model.embedding_manager.string_to_param_dict["*"]
     assert vector.dtype == torch.float32
     assert not torch.equal(vector.detach(), model.embedding_manager.initial_embeddings["*"])
+
+
+def test_library_train_equals_the_command_line(tiny, tmp_path):
+    """ldm.training.train with keyword options gives the run main.py's flags give: same vectors, same files."""
+    from ldm.training import train as library_train
+
+    config, ckpt, _, images = tiny
+    cli = train(args(tiny, tmp_path / "cli", steps=4))
+    lib = library_train(str(config), actual_resume=str(ckpt), name="run", data_root=str(images),
+                        logdir=str(tmp_path / "lib"), trainer={"max_steps": 4}, no_test=True, overrides=FAST)
+    assert lib.logdir.parent == tmp_path / "lib" and lib.logdir.name.endswith("_run")
+    assert lib.global_step == cli.global_step == 4
+    a = read_embeddings(cli.embeddings).vectors["*"]
+    assert torch.equal(read_embeddings(lib.embeddings).vectors["*"], a)
+    assert sorted(lib.snapshots) == sorted(cli.snapshots)
+    assert lib.model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.attention == "sdpa"
+    with pytest.raises(TypeError, match="max_step"):
+        library_train(str(config), max_step=4)
+
+
+def test_every_flag_reaches_the_options():
+    """Each main.py flag is a TrainOptions field or a trainer flag, so none is dropped on the way."""
+    dests = {a.dest for a in get_parser()._actions if a.dest != "help"}
+    assert dests - set(TRAINER_FLAGS) == TrainOptions.names() - {"overrides", "trainer"}
+    opts = train_main.options_from_args(["--base", "a.yaml", "-t", "--max_steps", "7", "--gpus", "0,",
+                                         "--attention", "math", "x.y=1"])
+    assert opts.base == ["a.yaml"] and opts.overrides == ["x.y=1"] and opts.attention == "math"
+    assert opts.trainer == {"max_steps": 7, "gpus": "0,"}

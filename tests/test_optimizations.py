@@ -8,8 +8,6 @@ import torch
 from conftest import PARITY_NAMES, assert_close, build_parity_model, fixture_path
 from safetensors.torch import load_file
 
-from ldm.modules import attention
-from ldm.modules.diffusionmodules import util
 from ldm.modules.frozen_weights import store_frozen_weights
 
 
@@ -23,7 +21,20 @@ def case(request, tmp_path_factory):
     vectors = load_file(str(fixture_path("parity", name, "embeddings.safetensors")))["nv1_perturbed"]
     with torch.no_grad():
         model.embedding_manager.string_to_param_dict["*"].copy_(vectors)
-    return model, batch, f
+    return model, batch, f, name
+
+
+def with_options(model, name, **options):
+    """The same model (weights and vectors) built with model options (`model.params.<option>`)."""
+    from conftest import parity_config
+
+    from ldm.util import instantiate_from_config
+
+    cfg = parity_config(name)
+    cfg.model.params.update(options)
+    other = instantiate_from_config(cfg.model)
+    other.load_state_dict(model.state_dict(), strict=True)
+    return other
 
 
 def step(model, batch, f):
@@ -36,7 +47,7 @@ def step(model, batch, f):
 
 
 def test_cached_latents_match_uncached(case):
-    model, batch, f = case
+    model, batch, f, _ = case
     cache = model.latent_cache
     assert cache is not None  # on by default for textual inversion
     model.latent_cache = None
@@ -50,25 +61,24 @@ def test_cached_latents_match_uncached(case):
 
 
 def test_sdpa_attention_matches_math(case):
-    model, batch, f = case
+    model, batch, f, name = case
     ref_loss, ref_grad = step(model, batch, f)
-    attention.set_attention_backend("sdpa")
-    try:
-        loss, grad = step(model, batch, f)
-    finally:
-        attention.set_attention_backend("math")
+    fused = with_options(model, name, attention="sdpa")
+    kernels = {m.attention for m in fused.modules() if hasattr(m, "attention") and isinstance(m.attention, str)}
+    assert kernels == {"sdpa"}
+    loss, grad = step(fused, batch, f)
     assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6, what="loss")
     assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7, what="grad")
 
 
 def test_gradient_checkpointing_matches(case):
-    model, batch, f = case
+    model, batch, f, name = case
     ref_loss, ref_grad = step(model, batch, f)
-    util.set_gradient_checkpointing(True)
-    try:
-        loss, grad = step(model, batch, f)
-    finally:
-        util.set_gradient_checkpointing(False)
+    checkpointed = with_options(model, name, gradient_checkpointing=True)
+    unet = checkpointed.model.diffusion_model
+    assert unet.gradient_checkpointing and all(b.checkpoint for b in unet.modules() if hasattr(b, "checkpoint")
+                                               and isinstance(b.checkpoint, bool))
+    loss, grad = step(checkpointed, batch, f)
     assert_close(loss, ref_loss, rtol=1e-6, atol=0, what="loss")
     assert_close(grad, ref_grad, rtol=1e-5, atol=1e-8, what="grad")
 
@@ -76,7 +86,7 @@ def test_gradient_checkpointing_matches(case):
 def test_bf16_frozen_weights_compute_in_fp32_with_rounded_weights(case):
     """bf16 storage changes the weights (rounded) and nothing else: the step equals an fp32 model whose frozen
     weights were rounded to bf16, and the frozen weights take half the memory."""
-    model, batch, f = case
+    model, batch, f, _ = case
     rounded = copy.deepcopy(model)
     stored = copy.deepcopy(model)
     frozen_bytes = sum(p.numel() * p.element_size() for p in stored.parameters() if not p.requires_grad)
@@ -115,5 +125,8 @@ def test_frozen_weights_config_stores_while_building_and_rejects_trainable_model
         instantiate_from_config(cfg.model)
     cfg.model.params.unfreeze_model = False
     del cfg.model.params.personalization_config
-    with pytest.raises(ValueError, match="personalization_config"):
-        instantiate_from_config(cfg.model)
+    vanilla = instantiate_from_config(cfg.model)  # storing the frozen weights is fine for sampling ...
+    assert vanilla.model.diffusion_model.input_blocks[0][0].weight.dtype == torch.bfloat16
+    vanilla.learning_rate = 1e-4
+    with pytest.raises(ValueError, match="personalization_config"):  # ... but leaves nothing to train
+        vanilla.configure_optimizers()

@@ -7,17 +7,13 @@ import math
 
 import pytest
 import torch
-from conftest import fixture_path
+from conftest import fixture_path, parity_weights
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from ldm.modules.attention import CrossAttention, get_attention_backend, set_attention_backend
+from ldm.modules.attention import CrossAttention
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
-from ldm.modules.diffusionmodules.util import (
-    get_gradient_checkpointing,
-    set_gradient_checkpointing,
-    timestep_embedding,
-)
+from ldm.modules.diffusionmodules.util import timestep_embedding
 
 PREFIX = "model.diffusion_model."
 
@@ -31,56 +27,40 @@ def max_abs_diff_ok(actual: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-4,
     return diff
 
 
-@pytest.fixture
-def backend_restored():
-    saved = get_attention_backend()
-    yield
-    set_attention_backend(saved)
-
-
-@pytest.fixture
-def checkpointing_restored():
-    saved = get_gradient_checkpointing()
-    yield
-    set_gradient_checkpointing(saved)
-
-
-def tiny_unet(name: str) -> UNetModel:
-    """The reference tiny UNet of `parity/<name>` with its weights, in eval mode."""
+def tiny_unet(name: str, **options) -> UNetModel:
+    """The reference tiny UNet of `parity/<name>` with its weights, in eval mode; `options` are UNet
+    constructor options (`attention`, `gradient_checkpointing`)."""
     folder = fixture_path("parity", name)
     cfg = OmegaConf.load(folder / "config.yaml")
-    unet = UNetModel(**cfg.model.params.unet_config.params)
-    full = load_file(str(folder / "model.safetensors"))
+    unet = UNetModel(**cfg.model.params.unet_config.params, **options)
+    full = load_file(str(parity_weights(name)))
     unet.load_state_dict({k[len(PREFIX):]: v for k, v in full.items() if k.startswith(PREFIX)}, strict=True)
     return unet.eval()
 
 
 @pytest.mark.parametrize("name", ["ldm_tiny", "sd_tiny"])
-def test_parity_with_reference(name, backend_restored):
-    unet = tiny_unet(name)
+def test_parity_with_reference(name):
     data = load_file(str(fixture_path("parity", name, "unet_forward.safetensors")))
     for backend in ("math", "sdpa"):
-        set_attention_backend(backend)
+        unet = tiny_unet(name, attention=backend)
+        assert {m.attention for m in unet.modules() if isinstance(m, CrossAttention)} == {backend}
         with torch.no_grad():
             out = unet(data["x"], data["t"], context=data["context"])
         diff = max_abs_diff_ok(out, data["out"])
         print(f"{name} [{backend}] max|out - ref| = {diff:.3g} (max|ref| = {data['out'].abs().max():.3g})")
 
 
-def test_checkpointing_keeps_numerics(checkpointing_restored):
-    unet = tiny_unet("sd_tiny")
-    unet.requires_grad_(False)
+def test_checkpointing_keeps_numerics():
     data = load_file(str(fixture_path("parity", "sd_tiny", "unet_forward.safetensors")))
-
-    # Count calls into one ResBlock and one transformer block: recomputation in backward adds one (pre-hooks:
-    # non-reentrant checkpointing may stop recomputing once it has every saved tensor it needs).
     calls = []
-    unet.input_blocks[1][0].in_layers.register_forward_pre_hook(lambda *_: calls.append("res"))
-    unet.input_blocks[1][1].transformer_blocks[0].ff.register_forward_pre_hook(lambda *_: calls.append("ff"))
 
     def run(enabled: bool):
+        unet = tiny_unet("sd_tiny", gradient_checkpointing=enabled).requires_grad_(False)
+        # Count calls into one ResBlock and one transformer block: recomputation in backward adds one
+        # (pre-hooks: non-reentrant checkpointing may stop recomputing once it has every saved tensor it needs).
+        unet.input_blocks[1][0].in_layers.register_forward_pre_hook(lambda *_: calls.append("res"))
+        unet.input_blocks[1][1].transformer_blocks[0].ff.register_forward_pre_hook(lambda *_: calls.append("ff"))
         calls.clear()
-        set_gradient_checkpointing(enabled)
         x = data["x"].clone().requires_grad_(True)
         context = data["context"].clone().requires_grad_(True)
         out = unet(x, data["t"], context=context)
@@ -133,22 +113,22 @@ def test_timestep_embedding_golden():
     assert rep.tolist() == [[3, 3, 3], [7, 7, 7]]
 
 
-def test_attention_backends_agree_with_mask(backend_restored):
-    torch.manual_seed(0)
-    attn = CrossAttention(query_dim=16, context_dim=8, heads=2, dim_head=8).eval()
+def test_attention_backends_agree_with_mask():
+    torch.manual_seed(1)
     x, ctx = torch.randn(2, 5, 16), torch.randn(2, 7, 8)
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[0, 3:] = False
     mask[1] = False  # fully masked row: uniform weights in both backends, not NaN
     outs = {}
     for backend in ("math", "sdpa"):
-        set_attention_backend(backend)
+        torch.manual_seed(0)
+        attn = CrossAttention(query_dim=16, context_dim=8, heads=2, dim_head=8, attention=backend).eval()
         with torch.no_grad():
             outs[backend] = attn(x, ctx, mask=mask)
     assert torch.isfinite(outs["math"]).all()
     torch.testing.assert_close(outs["sdpa"], outs["math"], atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="math, sdpa"):
-        set_attention_backend("flash")
+        CrossAttention(query_dim=16, attention="flash")
 
 
 def test_constructor_validation():

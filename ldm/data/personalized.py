@@ -1,8 +1,8 @@
 """Training data for object concepts: a folder of a few images, captioned from prompt templates.
 
-Port of the reference `ldm/data/personalized.py` (rinongal/textual_inversion @ 424192de; reference_spec.md
-section 4). The template lists are the reference's, in its order and with its duplicates: captions are drawn
-with `random.choice` over list positions, so a repeated template is proportionally more likely.
+Port of the reference `ldm/data/personalized.py` (rinongal/textual_inversion @ 424192de). The template
+lists are the reference's, in its order and with its duplicates: captions are drawn with `random.choice`
+over list positions, so a repeated template is proportionally more likely.
 
 Fidelity: with the default `rng=None` every random draw is the reference's, from the same global generator and
 in the same order per item: `np.random.uniform()` (only with `per_image_tokens`), then `random.choice` for the
@@ -10,9 +10,10 @@ template, then one `torch.rand(1)` for the horizontal flip (drawn even when `fli
 `RandomHorizontalFlip` does). Seeded the same way, items come out bit-identical to the reference's
 (tests/test_personalized_data.py checks this against the shared parity fixtures).
 
-Local changes (section 13): the image folder is filtered and sorted, EXIF orientation is applied, and
+Local changes (docs/DIFFERENCES.md#training-data): the image folder is filtered and sorted, EXIF
+orientation is applied, and
 16-bit images are scaled correctly (all in `ldm.data.image_folder`); `per_image_tokens` accepts up to
-22 images instead of 21 (B11); `"linear"` interpolation works on Pillow >= 10 (B12); bad arguments
+22 images instead of 21; `"linear"` interpolation works on Pillow >= 10; bad arguments
 raise ValueError instead of failing later.
 """
 
@@ -34,6 +35,7 @@ from ldm.data.image_folder import (
     resampling_filter,
 )
 from ldm.data.placeholder_tokens import per_img_token_list
+from ldm.util import get_obj_from_str
 
 __all__ = [
     "PersonalizedBase",
@@ -166,6 +168,16 @@ imagenet_dual_templates_small = [
 SPLITS = ("train", "val", "test")
 
 
+def is_personalized(node) -> bool:
+    """Whether a dataset config node (`target`/`params`) builds a `PersonalizedBase` (objects, styles, or a
+    subclass): the datasets that take `data_root` and `placeholder_token` from the command line."""
+    target = node.get("target") if hasattr(node, "get") else None
+    if not target:
+        return False
+    cls = get_obj_from_str(str(target))
+    return isinstance(cls, type) and issubclass(cls, PersonalizedBase)
+
+
 class PersonalizedBase(Dataset):
     """Images of one concept, each item captioned "a photo of a *"-style.
 
@@ -182,10 +194,11 @@ class PersonalizedBase(Dataset):
         per_image_tokens: with probability `mixing_prob`, caption image i with a dual template that also
             names its own token `per_img_token_list[i]`. Needs at most 22 images.
         center_crop: crop the central square before resizing (default off, as in the reference, so
-            non-square images are squashed, spec B34).
+            non-square images are squashed, docs/DIFFERENCES.md#squashed-images).
         mixing_prob: see `per_image_tokens`.
         coarse_class_text: if given, the placeholder is written as "<coarse_class_text> <placeholder>".
-        exif_transpose: apply the EXIF orientation (B10); False reproduces the reference exactly.
+        exif_transpose: apply the EXIF orientation (docs/DIFFERENCES.md#exif-orientation); False
+            reproduces the reference exactly.
         alpha: "drop" (reference) or "white" (composite transparent images onto white).
         templates: caption templates replacing `imagenet_templates_small` (each with one "{}").
         rng: None draws from the global `numpy.random`, `random` and `torch` generators as the reference

@@ -2,11 +2,12 @@
 
 Ported from CompVis/latent-diffusion@5a6571e (`ldm/modules/attention.py`); module and parameter names are
 unchanged, so official checkpoints load strictly. Local changes:
-- `CrossAttention` has two numerically equivalent backends chosen with `set_attention_backend`: "math" (the
-  official einsum + softmax, default) and "sdpa" (`torch.nn.functional.scaled_dot_product_attention`, which
-  can pick memory-efficient kernels).
-- `BasicTransformerBlock(checkpoint=True)` really checkpoints when `set_gradient_checkpointing(True)` is on
-  (see `ldm.modules.diffusionmodules.util.checkpoint`); off by default, as in the official TI code.
+- `CrossAttention` has two numerically equivalent backends, chosen per module with its `attention`
+  argument: "math" (the official einsum + softmax, default) and "sdpa"
+  (`torch.nn.functional.scaled_dot_product_attention`, which can pick memory-efficient kernels).
+- `BasicTransformerBlock(checkpoint=True)` really checkpoints (see
+  `ldm.modules.diffusionmodules.util.checkpoint`); the UNet passes `checkpoint=False` unless its
+  `gradient_checkpointing` option is on, which is off by default, as in the official TI code.
 - The unused `LinearAttention`, `SpatialSelfAttention`, `init_`, `uniq` and `max_neg_value` are not carried
   over.
 
@@ -24,26 +25,18 @@ from ldm.util import default, exists
 
 __all__ = [
     "ATTENTION_BACKENDS", "BasicTransformerBlock", "CrossAttention", "FeedForward", "GEGLU", "Normalize",
-    "SpatialTransformer", "default", "exists", "get_attention_backend", "set_attention_backend",
-    "zero_module",
+    "SpatialTransformer", "check_attention", "default", "exists", "zero_module",
 ]
 
 ATTENTION_BACKENDS = ("math", "sdpa")
-_attention_backend = "math"
 
 
-def set_attention_backend(name: str) -> None:
-    """Choose how every `CrossAttention` computes softmax(q k^T / sqrt(d)) v: "math" (default) or "sdpa"."""
-    global _attention_backend
+def check_attention(name: str) -> str:
+    """`name` if it is an attention backend ("math" or "sdpa"), else a ValueError naming the choices."""
     if name not in ATTENTION_BACKENDS:
         valid = ", ".join(ATTENTION_BACKENDS)
         raise ValueError(f"unknown attention backend {name!r}; valid choices: {valid}")
-    _attention_backend = name
-
-
-def get_attention_backend() -> str:
-    """The attention backend in effect ("math" or "sdpa")."""
-    return _attention_backend
+    return name
 
 
 def Normalize(in_channels: int) -> nn.GroupNorm:
@@ -83,12 +76,13 @@ class CrossAttention(nn.Module):
 
     q = to_q(x), k = to_k(ctx), v = to_v(ctx) (no biases), heads of width `dim_head`;
     out = to_out(softmax(q k^T * dim_head^-0.5) v). The softmax runs in the input dtype (no upcast), as in
-    ldm.
+    ldm. `attention` picks how: "math" (the official einsum path) or "sdpa" (the same maths, fused).
     """
 
     def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, attention: str = "math"):
         super().__init__()
+        self.attention = check_attention(attention)
         inner_dim = dim_head * heads
         context_dim = default(context_dim, query_dim)
         self.scale = dim_head**-0.5
@@ -106,7 +100,7 @@ class CrossAttention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         if exists(mask):
             mask = mask.reshape(mask.shape[0], -1)
-        if _attention_backend == "sdpa":
+        if self.attention == "sdpa":
             out = self._attend_sdpa(q, k, v, mask)
         else:
             out = self._attend_math(q, k, v, mask)
@@ -152,12 +146,14 @@ class BasicTransformerBlock(nn.Module):
     """
 
     def __init__(self, dim: int, n_heads: int, d_head: int, dropout: float = 0.0,
-                 context_dim: int | None = None, gated_ff: bool = True, checkpoint: bool = True):
+                 context_dim: int | None = None, gated_ff: bool = True, checkpoint: bool = True,
+                 attention: str = "math"):
         super().__init__()
-        self.attn1 = CrossAttention(query_dim=dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        self.attn1 = CrossAttention(query_dim=dim, heads=n_heads, dim_head=d_head, dropout=dropout,
+                                    attention=attention)
         self.ff = FeedForward(dim, dropout=dropout, glu=gated_ff)
         self.attn2 = CrossAttention(query_dim=dim, context_dim=context_dim, heads=n_heads, dim_head=d_head,
-                                    dropout=dropout)
+                                    dropout=dropout, attention=attention)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -178,17 +174,19 @@ class SpatialTransformer(nn.Module):
 
     x [B, C, H, W] -> norm -> proj_in (1x1 conv to n_heads*d_head) -> [B, H*W, inner] -> `depth` blocks
     -> back to [B, inner, H, W] -> proj_out (zero-initialised 1x1 conv to C) -> + x.
+    `checkpoint` and `attention` go to every block.
     """
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
-                 context_dim: int | None = None):
+                 context_dim: int | None = None, checkpoint: bool = False, attention: str = "math"):
         super().__init__()
         self.in_channels = in_channels
         inner_dim = n_heads * d_head
         self.norm = Normalize(in_channels)
         self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1, stride=1, padding=0)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim)
+            [BasicTransformerBlock(inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim,
+                                   checkpoint=checkpoint, attention=attention)
              for _ in range(depth)]
         )
         self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1, stride=1, padding=0))

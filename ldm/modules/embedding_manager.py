@@ -1,17 +1,18 @@
 """The pseudo-word table of Textual Inversion: placeholder strings, their learned vectors, substitution.
 
-Behaviour follows rinongal/textual_inversion@424192d `ldm/modules/embedding_manager.py` (spec sections
-3.1-3.5). The manager is called by the text encoders right after the token-embedding lookup and before
-position embeddings are added: `embedded = manager(token_ids, embedded)`.
+Behaviour follows rinongal/textual_inversion@424192d `ldm/modules/embedding_manager.py`. The manager is
+called by the text encoders right after the token-embedding lookup and before position embeddings are
+added: `embedded = manager(token_ids, embedded)`.
 
 Glossary: a *placeholder string* is what the user types (`*`); its *placeholder token id* is the id the
 tokenizer gives it (it must be exactly one token); the *initializer word* seeds the vectors; each
 placeholder owns `num_vectors_per_token` vectors of width `token_dim`.
 
-Local changes (bugs of the official code, spec section 13): the caller's token ids and config lists are
-never mutated (B22); the substitution mode follows the parameter's row count, so a multi-vector file
-loads under a single-vector config (B21); files are saved on the CPU and written atomically (B23);
-files are read without unpickling code (B32); several-token and unknown placeholders raise a clear error.
+Local changes (bugs of the official code; docs/DIFFERENCES.md#embedding-manager): the caller's token ids
+and config lists are never mutated (#no-input-mutation); the substitution mode follows the parameter's row
+count, so a multi-vector file loads under a single-vector config (#mode-from-vector-count); files are saved
+on the CPU and written atomically (#embeddings-saved-on-cpu); files are read without unpickling code
+(#safe-loading); several-token and unknown placeholders raise a clear error (#placeholder-errors).
 """
 
 from __future__ import annotations
@@ -217,10 +218,6 @@ class EmbeddingManager(nn.Module):
 
     def embedding_parameters(self) -> Iterable[nn.Parameter]:
         return self.string_to_param_dict.parameters()
-
-    def get_embedding_norms_squared(self) -> torch.Tensor:
-        all_params = torch.cat(list(self.string_to_param_dict.values()), dim=0)
-        return (all_params * all_params).sum(dim=-1)
 
     def embedding_to_coarse_loss(self) -> torch.Tensor | float:
         """Official regulariser: sum over initialised placeholders of (p - p0)(p - p0)^T / P, a [k, k] Gram

@@ -19,6 +19,14 @@ from torch import nn
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def check_frozen_weights(name: str, unfreeze_model: bool = False) -> None:
+    """The model option `frozen_weights`: one of DTYPES, and only for a model whose weights stay frozen."""
+    if name not in DTYPES:
+        raise ValueError(f"frozen_weights must be one of {list(DTYPES)}, got '{name}'")
+    if name != "fp32" and unfreeze_model:
+        raise ValueError(f"frozen_weights={name} stores frozen weights; unfreeze_model trains them")
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):

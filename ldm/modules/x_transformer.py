@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.attention import get_attention_backend
+from ldm.modules.attention import check_attention
 
 DEFAULT_DIM_HEAD = 64
 
@@ -137,10 +137,13 @@ class Attention(nn.Module):
     """Multi-head softmax self-attention; q, k, v without bias, output projection with bias.
 
     x: [b, n, dim] -> [b, n, dim]. `mask`: optional bool [b, n], True = attend (applied to queries and keys).
+    `attention` "sdpa" uses the fused kernel where it computes the same (no mask, no active dropout).
     """
 
-    def __init__(self, dim: int, dim_head: int = DEFAULT_DIM_HEAD, heads: int = 8, dropout: float = 0.0):
+    def __init__(self, dim: int, dim_head: int = DEFAULT_DIM_HEAD, heads: int = 8, dropout: float = 0.0,
+                 attention: str = "math"):
         super().__init__()
+        self.attention = check_attention(attention)
         self.heads = heads
         self.scale = dim_head**-0.5
         inner_dim = dim_head * heads
@@ -156,7 +159,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = (self._split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
-        if mask is None and get_attention_backend() == "sdpa" and not (self.training and self.dropout.p > 0):
+        if mask is None and self.attention == "sdpa" and not (self.training and self.dropout.p > 0):
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # same maths, fused kernel
             b, h, n, d = out.shape
             return self.to_out(out.transpose(1, 2).reshape(b, n, h * d))
@@ -175,7 +178,8 @@ class AttentionLayers(nn.Module):
 
     `layers.<i>` = ModuleList([LayerNorm(dim), block, Residual()]), block types alternating 'a', 'f'.
     Options prefixed `attn_` / `ff_` go to Attention / FeedForward (as in x-transformers): supported are
-    `attn_dim_head`, `attn_dropout`, `ff_mult`, `ff_dropout`.
+    `attn_dim_head`, `attn_dropout`, `ff_mult`, `ff_dropout`. `attention` is the kernel of every
+    attention block ("math" or "sdpa").
     """
 
     def __init__(
@@ -187,6 +191,7 @@ class AttentionLayers(nn.Module):
         attn_dropout: float = 0.0,
         ff_mult: int = 4,
         ff_dropout: float = 0.0,
+        attention: str = "math",
         **options: Any,
     ):
         super().__init__()
@@ -198,7 +203,8 @@ class AttentionLayers(nn.Module):
         self.layers = nn.ModuleList()
         for layer_type in self.layer_types:
             if layer_type == "a":
-                block = Attention(dim, dim_head=attn_dim_head, heads=heads, dropout=attn_dropout)
+                block = Attention(dim, dim_head=attn_dim_head, heads=heads, dropout=attn_dropout,
+                                  attention=attention)
             else:
                 block = FeedForward(dim, mult=ff_mult, dropout=ff_dropout)
             self.layers.append(nn.ModuleList([nn.LayerNorm(dim), block, Residual()]))

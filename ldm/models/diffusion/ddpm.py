@@ -1,12 +1,14 @@
 """Denoising diffusion models: pixel-space `DDPM` and `LatentDiffusion` (Rombach et al. 2022).
 
 Ported from CompVis/latent-diffusion@5a6571e with the Textual Inversion changes of
-rinongal/textual_inversion@424192d (spec section 5). Class names, constructor arguments and buffer names
+rinongal/textual_inversion@424192d. Class names, constructor arguments and buffer names
 are kept (configs and checkpoints use them). Local changes:
 - the schedule table lives in `ddpm_schedule.py`, the Textual Inversion delta in `textual_inversion.py`;
-- `personalization_config` is optional (vanilla ldm configs build again, B29);
-- checkpoints load strictly through `ldm.checkpoint` (no silent `strict=False`);
-- `logvar` is a non-persistent buffer, so it follows the device (B13);
+- `personalization_config` is optional (vanilla ldm configs build again,
+  docs/DIFFERENCES.md#personalization-optional);
+- checkpoints load strictly through `ldm.checkpoint` (no silent `strict=False`,
+  docs/DIFFERENCES.md#strict-checkpoint-loading);
+- `logvar` is a non-persistent buffer, so it follows the device (docs/DIFFERENCES.md#logvar-buffer);
 - randomness is injectable: `t`, `noise` and the posterior noise can be passed in;
 - logging instead of print; ancestral DDPM sampling and the patch-wise (split-input) paths are left out:
   no text-to-image config or Textual Inversion script uses them.
@@ -43,20 +45,47 @@ from ldm.models.diffusion.textual_inversion import (
     save_embedding_files,
     slim_state_dict,
 )
+from ldm.modules.attention import check_attention
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.frozen_weights import DTYPES as FROZEN_DTYPES
-from ldm.modules.frozen_weights import store_frozen_weights
-from ldm.util import count_params, default, images_from_batch, instantiate_from_config, log_txt_as_img
+from ldm.modules.frozen_weights import check_frozen_weights, store_frozen_weights
+from ldm.util import (
+    count_params,
+    default,
+    images_from_batch,
+    instantiate_from_config,
+    log_txt_as_img,
+    with_params,
+)
 
 logger = logging.getLogger(__name__)
 
 __conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
 
 
+def kernel_options(attention: str = "math", gradient_checkpointing: bool = False) -> dict:
+    """The speed options that differ from the official kernels, as constructor arguments of the UNet and
+    the text encoder (left out at their defaults, so denoisers and encoders without them still build)."""
+    options = {}
+    if attention != "math":
+        options["attention"] = check_attention(attention)
+    if gradient_checkpointing:
+        options["gradient_checkpointing"] = True
+    return options
+
+
 class DDPM(pl.LightningModule):
-    """Gaussian diffusion with a denoiser `self.model` (a `DiffusionWrapper` around the UNet)."""
+    """Gaussian diffusion with a denoiser `self.model` (a `DiffusionWrapper` around the UNet).
+
+    Speed and memory options (config keys under `model.params`; the defaults are the official kernels and
+    storage):
+    `attention` "math" | "sdpa" (the kernel of the UNet's and the BERT encoder's attention, same maths),
+    `gradient_checkpointing` (recompute UNet activations in backward: less memory, same numbers),
+    `frozen_weights` "fp32" | "bf16" (storage of the frozen weights, see `ldm/modules/frozen_weights.py`)
+    and, for `LatentDiffusion`, `cache_first_stage` (exact; on by default for textual inversion).
+    """
 
     def __init__(
         self,
@@ -92,12 +121,11 @@ class DDPM(pl.LightningModule):
         learn_logvar: bool = False,
         logvar_init: float = 0.0,
         frozen_weights: str = "fp32",
+        attention: str = "math",
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
-        if frozen_weights not in FROZEN_DTYPES:
-            raise ValueError(f"frozen_weights must be one of {list(FROZEN_DTYPES)}, got '{frozen_weights}'")
-        if frozen_weights != "fp32" and unfreeze_model:
-            raise ValueError(f"frozen_weights={frozen_weights} stores frozen weights; unfreeze_model trains them")
+        check_frozen_weights(frozen_weights, unfreeze_model)
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got '{parameterization}'")
         if loss_type not in ("l1", "l2"):
@@ -115,6 +143,7 @@ class DDPM(pl.LightningModule):
         self.image_size = image_size
         self.channels = channels
         self.use_positional_encodings = use_positional_encodings
+        unet_config = with_params(unet_config, kernel_options(attention, gradient_checkpointing))
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         count_params(self.model, verbose=True)
         self.frozen_weights = frozen_weights
@@ -144,6 +173,12 @@ class DDPM(pl.LightningModule):
             self.register_buffer("logvar", logvar, persistent=False)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+
+    def check_trainable(self) -> None:
+        """A model whose weights are all stored frozen has nothing to train: say so before training."""
+        if self.frozen_weights != "fp32" and getattr(self, "embedding_manager", None) is None:
+            raise ValueError(f"frozen_weights={self.frozen_weights} freezes the whole model; only a textual "
+                             "inversion config (model.params.personalization_config) has vectors to train")
 
     def store_if_frozen(self, module: nn.Module) -> None:
         """With `frozen_weights` other than fp32 (textual inversion only), freeze `module` and store its
@@ -310,6 +345,7 @@ class DDPM(pl.LightningModule):
         self.log_dict(loss_dict_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True)
 
     def configure_optimizers(self):
+        self.check_trainable()
         params = list(self.model.parameters())
         if self.learn_logvar:
             params.append(self.logvar)
@@ -351,8 +387,6 @@ class LatentDiffusion(DDPM):
             conditioning_key = "concat" if concat_mode else "crossattn"
         if cond_stage_config == "__is_unconditional__":
             conditioning_key = None
-        if kwargs.get("frozen_weights", "fp32") != "fp32" and personalization_config is None:
-            raise ValueError("frozen_weights other than fp32 needs a personalization_config (textual inversion)")
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", ())
         super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
@@ -368,7 +402,8 @@ class LatentDiffusion(DDPM):
         else:
             self.scale_factor = scale_factor
         self.instantiate_first_stage(first_stage_config)
-        self.instantiate_cond_stage(cond_stage_config)
+        text_options = kernel_options(kwargs.get("attention", "math"))
+        self.instantiate_cond_stage(with_params(cond_stage_config, text_options, only_if_accepted=True))
         self.store_if_frozen(self.first_stage_model)
         self.store_if_frozen(self.cond_stage_model)
         self.cond_stage_forward = cond_stage_forward
@@ -387,7 +422,7 @@ class LatentDiffusion(DDPM):
 
         if personalization_config is not None:
             # Textual Inversion: the manager is built after the weights are loaded, so its initial vectors
-            # come from the loaded text encoder (reference order of construction, spec 5.5).
+            # come from the loaded text encoder (the reference's order of construction).
             if not self.unfreeze_model:
                 freeze(self.cond_stage_model)
                 freeze(self.model)
@@ -429,7 +464,8 @@ class LatentDiffusion(DDPM):
 
     def instantiate_cond_stage(self, config):
         if self.cond_stage_trainable:
-            # Trainable: the text encoder runs inside the autograd graph in forward() (spec 5.6).
+            # Trainable: the text encoder runs inside the autograd graph in forward(), so the gradient
+            # reaches the embedding vectors through it (freezing is done by textual_inversion.freeze).
             self.cond_stage_model = instantiate_from_config(config)
             return
         if config == "__is_first_stage__":
@@ -551,7 +587,7 @@ class LatentDiffusion(DDPM):
         return out[0] if isinstance(out, tuple) else out
 
     def p_losses(self, x_start, cond, t, noise=None):
-        """The ldm objective (spec 5.7) plus the optional embedding regulariser of Textual Inversion."""
+        """The ldm objective plus the optional embedding regulariser of Textual Inversion."""
         noise = default(noise, lambda: torch.randn_like(x_start))
         model_output = self.apply_model(self.q_sample(x_start, t, noise), t, cond)
         target = self.training_target(x_start, noise, t)
@@ -580,8 +616,9 @@ class LatentDiffusion(DDPM):
     def log_images(self, batch, N=8, n_row=4, sample=True, ddim_steps=200, ddim_eta=1.0, return_keys=None,
                    quantize_denoised=True, inpaint=False, plot_denoise_rows=False, plot_progressive_rows=False,
                    plot_diffusion_rows=False, unconditional_guidance_scale=5.0, split=None):
-        """Preview panels in [-1, 1] (spec 5.9): inputs, reconstruction, conditioning (captions as images),
-        samples (DDIM, eta 1, no guidance) and samples_scaled (same with guidance 5, the TI addition).
+        """Preview panels in [-1, 1], as the reference: inputs, reconstruction, conditioning (captions as
+        images), samples (DDIM, eta 1, no guidance) and samples_scaled (same with guidance 5, the TI
+        addition).
         `split` ("train"/"val", passed by the ImageLogger) does not change the panels."""
         if inpaint or plot_denoise_rows or plot_progressive_rows or plot_diffusion_rows:
             raise NotImplementedError("inpaint and denoise/progressive/diffusion rows are not supported")
@@ -609,6 +646,7 @@ class LatentDiffusion(DDPM):
     # -- optimisation --------------------------------------------------------------------------------
 
     def configure_optimizers(self):
+        self.check_trainable()
         if self.embedding_manager is None:
             params = list(self.model.parameters())
             if self.cond_stage_trainable:

@@ -3,9 +3,11 @@
 Ported from CompVis/latent-diffusion@5a6571e (`ldm/modules/diffusionmodules/openaimodel.py`), which took it
 from openai/guided-diffusion (`guided_diffusion/unet.py`). Module and parameter names are unchanged, so
 official checkpoints load strictly under `model.diffusion_model.`. Local changes:
-- Gradient checkpointing works (non-reentrant) when enabled with
-  `ldm.modules.diffusionmodules.util.set_gradient_checkpointing(True)`; off by default, as in the official TI
-  code. `AttentionBlock` follows its `use_checkpoint` flag instead of always asking for checkpointing.
+- Gradient checkpointing works (non-reentrant) with the `gradient_checkpointing` option; off by default,
+  as in the official TI code. Then the transformer blocks, and the blocks whose config asks with
+  `use_checkpoint`, recompute their activations in backward. `AttentionBlock` follows its
+  `use_checkpoint` flag instead of always asking for checkpointing.
+- `attention` picks the cross-attention kernel of every `SpatialTransformer` ("math" or "sdpa").
 - `use_fp16` is real: `convert_to_fp16` casts the torso (input, middle and output blocks) to float16, and
   the forward pass feeds it float16 activations, timestep embeddings and context (the official methods were
   no-op stubs, so `use_fp16=True` crashed). Mixed precision via autocast at the entry point is preferred.
@@ -293,8 +295,11 @@ class UNetModel(nn.Module):
     :param conv_resample: learned 3x3 convs for up/downsampling (else nearest / average pooling).
     :param dims: 1-D, 2-D or 3-D signals.
     :param num_classes: if set, the model is class-conditional (`label_emb`, `y` argument).
-    :param use_checkpoint: ask for gradient checkpointing (effective only after
-        `set_gradient_checkpointing(True)`, see `ldm.modules.diffusionmodules.util`).
+    :param use_checkpoint: ask for gradient checkpointing of the residual and attention blocks (effective
+        only with `gradient_checkpointing`).
+    :param gradient_checkpointing: recompute activations in backward: the transformer blocks always, the
+        other blocks where `use_checkpoint` asks (less memory, same numbers, slower). Off by default.
+    :param attention: "math" (the official kernel) or "sdpa" for every cross-attention layer.
     :param use_fp16: run the torso in float16 (see `convert_to_fp16`).
     :param num_heads: attention heads per layer; :param num_head_channels: if set, a fixed width per head
         instead (then num_heads = ch // num_head_channels).
@@ -336,6 +341,8 @@ class UNetModel(nn.Module):
         context_dim: int | None = None,
         n_embed: int | None = None,
         legacy: bool = True,
+        gradient_checkpointing: bool = False,
+        attention: str = "math",
     ):
         super().__init__()
         if use_spatial_transformer and context_dim is None:
@@ -367,6 +374,8 @@ class UNetModel(nn.Module):
         self.conv_resample = conv_resample
         self.num_classes = num_classes
         self.use_checkpoint = use_checkpoint
+        self.gradient_checkpointing = gradient_checkpointing
+        block_checkpoint = use_checkpoint and gradient_checkpointing
         self.dtype = torch.float16 if use_fp16 else torch.float32
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
@@ -375,7 +384,7 @@ class UNetModel(nn.Module):
 
         time_embed_dim = model_channels * 4
 
-        def attention(ch: int, heads: int, upsample: bool = False) -> tuple[nn.Module, int]:
+        def attention_layer(ch: int, heads: int, upsample: bool = False) -> tuple[nn.Module, int]:
             """Attention layer at width `ch` and the (possibly updated) head count.
 
             Head rule as ldm: with num_head_channels == -1, dim_head = ch // heads, else heads =
@@ -392,9 +401,10 @@ class UNetModel(nn.Module):
                 dim_head = ch // heads if use_spatial_transformer else num_head_channels
             if use_spatial_transformer:
                 layer = SpatialTransformer(ch, heads, dim_head, depth=transformer_depth,
-                                           context_dim=context_dim)
+                                           context_dim=context_dim, checkpoint=gradient_checkpointing,
+                                           attention=attention)
             else:
-                layer = AttentionBlock(ch, use_checkpoint=use_checkpoint,
+                layer = AttentionBlock(ch, use_checkpoint=block_checkpoint,
                                        num_heads=num_heads_upsample if upsample else heads,
                                        num_head_channels=dim_head,
                                        use_new_attention_order=use_new_attention_order)
@@ -402,7 +412,7 @@ class UNetModel(nn.Module):
 
         def resblock(ch: int, out_ch: int | None = None, up: bool = False, down: bool = False) -> ResBlock:
             return ResBlock(ch, time_embed_dim, dropout, out_channels=out_ch, dims=dims,
-                            use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm,
+                            use_checkpoint=block_checkpoint, use_scale_shift_norm=use_scale_shift_norm,
                             up=up, down=down)
 
         self.time_embed = nn.Sequential(
@@ -426,7 +436,7 @@ class UNetModel(nn.Module):
                 layers = [resblock(ch, mult * model_channels)]
                 ch = mult * model_channels
                 if ds in attention_resolutions:
-                    layer, num_heads = attention(ch, num_heads)
+                    layer, num_heads = attention_layer(ch, num_heads)
                     layers.append(layer)
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 self._feature_size += ch
@@ -443,7 +453,7 @@ class UNetModel(nn.Module):
                 self._feature_size += ch
 
         # 2. Middle: ResBlock, attention, ResBlock.
-        middle_attention, num_heads = attention(ch, num_heads)
+        middle_attention, num_heads = attention_layer(ch, num_heads)
         self.middle_block = TimestepEmbedSequential(resblock(ch), middle_attention, resblock(ch))
         self._feature_size += ch
 
@@ -456,7 +466,7 @@ class UNetModel(nn.Module):
                 layers = [resblock(ch + ich, model_channels * mult)]
                 ch = model_channels * mult
                 if ds in attention_resolutions:
-                    layer, num_heads = attention(ch, num_heads, upsample=True)
+                    layer, num_heads = attention_layer(ch, num_heads, upsample=True)
                     layers.append(layer)
                 if level and i == num_res_blocks:
                     out_ch = ch

@@ -2,10 +2,12 @@
 
 Ported from CompVis/latent-diffusion@5a6571e (`ldm/modules/diffusionmodules/util.py`, import path kept), which
 took these from openai/improved-diffusion and guided-diffusion. Local changes:
-- `checkpoint` really checkpoints (non-reentrant `torch.utils.checkpoint`) when enabled with
-  `set_gradient_checkpointing(True)`; off by default, as in the official TI code, which hard-disabled it.
+- `checkpoint` really checkpoints (non-reentrant `torch.utils.checkpoint`) when its flag asks; the UNet's
+  `gradient_checkpointing` option (off by default, as in the official TI code, which hard-disabled it)
+  decides that flag.
 - `GroupNorm32` also upcasts its affine parameters, so a half-precision UNet torso works (identical in fp32).
-- `CheckpointFunction`, `SiLU`, `HybridConditioner` and `betas_for_alpha_bar` (unused) are not carried over.
+- `CheckpointFunction`, `SiLU`, `HybridConditioner`, `betas_for_alpha_bar` and `mean_flat` (unused) are not
+  carried over.
 
 Notation: `alphas_cumprod` is abar_t = prod_{s<=t} (1 - beta_s); schedules are computed in float64.
 """
@@ -19,8 +21,6 @@ import numpy as np
 import torch
 import torch.utils.checkpoint
 from torch import nn
-
-from ldm.util import mean_flat  # noqa: F401  (re-exported: ldm imports it from here too)
 
 logger = logging.getLogger(__name__)
 
@@ -120,40 +120,21 @@ def noise_like(shape: tuple[int, ...], device: torch.device | str, repeat: bool 
 # nn building blocks (used by openaimodel.py and attention.py)
 # ---------------------------------------------------------------------------------------------------
 
-# Local change (spec 8.4, bug B16): the official Textual Inversion code hard-disabled `checkpoint`, so the
-# configs' `use_checkpoint: True` never saved memory. Here it is an explicit, process-wide opt-in; the default
-# (False) keeps the official behaviour (full activations kept) for faithful timing and memory reports.
-_GRADIENT_CHECKPOINTING = False
-
-
-def set_gradient_checkpointing(enabled: bool) -> None:
-    """Turn activation (gradient) checkpointing on or off for every block whose `flag` asks for it.
-
-    Uses non-reentrant `torch.utils.checkpoint`, which works with frozen parameters (the reason the official
-    code disabled its reentrant `CheckpointFunction`) and gives identical numerics.
-    """
-    global _GRADIENT_CHECKPOINTING
-    _GRADIENT_CHECKPOINTING = bool(enabled)
-
-
-def get_gradient_checkpointing() -> bool:
-    """Whether `set_gradient_checkpointing(True)` is in effect."""
-    return _GRADIENT_CHECKPOINTING
-
-
 def checkpoint(func, inputs, params, flag: bool):
-    """Evaluate `func(*inputs)`, recomputing its activations in the backward pass when asked to.
+    """Evaluate `func(*inputs)`, recomputing its activations in the backward pass when `flag` is true.
 
-    Checkpointing happens only if it was enabled with `set_gradient_checkpointing(True)`, `flag` is true and
-    autograd is recording; otherwise `func` runs directly (the official behaviour).
+    The official Textual Inversion code hard-disabled this function, so configs' `use_checkpoint: True`
+    never saved memory; the UNet therefore passes `flag` true only when its `gradient_checkpointing` option
+    is on (off by default). Uses non-reentrant `torch.utils.checkpoint`, which works with frozen parameters
+    (the reason the official code disabled its reentrant version) and gives identical numerics.
 
     :param func: the function to evaluate.
     :param inputs: sequence of arguments for `func` (tensors or None).
     :param params: accepted for API compatibility with ldm and unused: the non-reentrant implementation
         finds the parameters `func` uses by itself.
-    :param flag: the block's own `use_checkpoint` setting.
+    :param flag: whether to checkpoint; ignored (no checkpointing) while autograd is not recording.
     """
-    if _GRADIENT_CHECKPOINTING and flag and torch.is_grad_enabled():
+    if flag and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
     return func(*inputs)
 

@@ -26,7 +26,9 @@ Local changes:
   `with torch.device("meta")`.
 - Dropped (unused by Textual Inversion, and they made `clip` and `kornia` hard dependencies):
   `SpatialRescaler`, `FrozenCLIPTextEmbedder`, `FrozenClipImageEmbedder`, and the private helpers
-  `_expand_mask` / `_build_causal_attention_mask`.
+  `_expand_mask` / `_build_causal_attention_mask`. Also dropped (unused, named by no config here):
+  `ClassEmbedder`, `TransformerEmbedder` and `FrozenCLIPEmbedder.freeze` (the model freezes its encoders
+  with `ldm.models.diffusion.textual_inversion.freeze`).
 """
 
 from __future__ import annotations
@@ -63,37 +65,6 @@ class AbstractEncoder(nn.Module):
 
     def encode(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
-
-
-class ClassEmbedder(nn.Module):
-    """Class label -> learned vector: `batch[key]` [b] int64 -> [b, 1, embed_dim]."""
-
-    def __init__(self, embed_dim: int, n_classes: int = 1000, key: str = "class"):
-        super().__init__()
-        self.key = key
-        self.embedding = nn.Embedding(n_classes, embed_dim)
-
-    def forward(self, batch: Mapping[str, torch.Tensor], key: str | None = None) -> torch.Tensor:
-        labels = batch[self.key if key is None else key]
-        return self.embedding(labels[:, None])
-
-
-class TransformerEmbedder(AbstractEncoder):
-    """x-transformer encoder over given token ids [b, n] -> [b, n, n_embed] (no tokenizer, no TI hook)."""
-
-    def __init__(
-        self, n_embed: int, n_layer: int, vocab_size: int, max_seq_len: int = 77, device: Any = None
-    ):
-        super().__init__()
-        self.transformer = TransformerWrapper(
-            num_tokens=vocab_size, max_seq_len=max_seq_len, attn_layers=Encoder(dim=n_embed, depth=n_layer)
-        )
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.transformer(tokens, return_embeddings=True)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self(x)
 
 
 class BERTTokenizer(AbstractEncoder):
@@ -136,7 +107,8 @@ class BERTEmbedder(AbstractEncoder):
 
     Public attributes used by the embedding manager: `tknz_fn` (the `BERTTokenizer`; `tknz_fn(s)` -> ids
     [1, 77]) and `transformer.token_emb` (the token-embedding table). `device` is accepted for config
-    compatibility; ids are moved to the device of the parameters.
+    compatibility; ids are moved to the device of the parameters. `attention` is the self-attention kernel
+    ("math", the official one, or "sdpa": the same maths fused).
     """
 
     def __init__(
@@ -149,6 +121,7 @@ class BERTEmbedder(AbstractEncoder):
         use_tokenizer: bool = True,
         embedding_dropout: float = 0.0,
         tokenizer_path: str | os.PathLike | None = None,
+        attention: str = "math",
     ):
         super().__init__()
         self.use_tokenizer = use_tokenizer
@@ -159,7 +132,7 @@ class BERTEmbedder(AbstractEncoder):
         self.transformer = TransformerWrapper(
             num_tokens=vocab_size,
             max_seq_len=max_seq_len,
-            attn_layers=Encoder(dim=n_embed, depth=n_layer),
+            attn_layers=Encoder(dim=n_embed, depth=n_layer, attention=attention),
             emb_dropout=embedding_dropout,
         )
 
@@ -228,12 +201,6 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     @property
     def device(self) -> torch.device:
         return self.transformer.text_model.embeddings.token_embedding.weight.device
-
-    def freeze(self) -> None:
-        """Evaluation mode and no gradients for any parameter."""
-        self.transformer = self.transformer.eval()
-        for param in self.parameters():
-            param.requires_grad = False
 
     def tokenize(self, text: Text) -> torch.Tensor:
         """Ids [b, max_length] int64 on the parameters' device (BOS 49406 ... EOS 49407, pad 49407)."""
