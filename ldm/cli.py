@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from ldm.data.personalized import is_personalized
 from ldm.loading import set_model_options, set_tokenizer_path
 from ldm.models.diffusion.ddpm import DDPM
 from ldm.util import get_obj_from_str
+
+logger = logging.getLogger(__name__)
 
 
 class UsageError(ValueError):
@@ -289,7 +292,8 @@ def apply_overrides(config: DictConfig, opt) -> None:
     """The command-line options (`main.py`'s flags or `TrainOptions`), written into the config in one place.
 
     The placeholder goes to the model AND to the datasets (the reference updated only the model, so its
-    captions kept "*": docs/DIFFERENCES.md#placeholder-string-reaches-the-datasets). The speed options
+    captions kept "*": docs/DIFFERENCES.md#placeholder-string-reaches-the-datasets), except a dataset whose
+    `placeholder_token` the command line's overrides set explicitly (`opt.overrides`): that one is kept. The speed options
     become model options; `attention` is "sdpa" unless the flag or the config says otherwise.
     """
     model_params = config.model.params
@@ -316,6 +320,7 @@ def apply_overrides(config: DictConfig, opt) -> None:
         given = ", ".join(f"--{k}" for k, v in speed.items() if v is not None)
         raise UsageError(f"{given}: options of diffusion models; model.target is {config.model.get('target')}")
     set_tokenizer_path(model_params, opt.tokenizer_path)
+    explicit = {item.split("=", 1)[0] for item in getattr(opt, "overrides", ())}
     data = config.get("data")
     if data is not None:
         for split in ("train", "validation", "test"):
@@ -325,4 +330,11 @@ def apply_overrides(config: DictConfig, opt) -> None:
             if opt.data_root:
                 node.params.data_root = opt.data_root
             if personalization is not None and is_personalized(node):
-                node.params.placeholder_token = personalization.params.placeholder_strings[0]
+                key = f"data.params.{split}.params.placeholder_token"
+                model_token = personalization.params.placeholder_strings[0]
+                if key not in explicit:
+                    node.params.placeholder_token = model_token
+                elif node.params.placeholder_token != model_token:
+                    logger.warning("%s=%s differs from the model's placeholder %r: captions of that split "
+                                   "will not contain the learned word", key, node.params.placeholder_token,
+                                   model_token)

@@ -287,6 +287,18 @@ def test_apply_overrides_placeholder_everywhere():
         assert node.data_root == "/imgs/cat"
 
 
+def test_explicit_dataset_placeholder_override_survives(caplog):
+    override = "data.params.validation.params.placeholder_token=sks"
+    config = merge_configs([str(SD_CONFIG)], [override])
+    opt = opts("--placeholder_string", "*")
+    opt.overrides = [override]  # what main.py's leftover tokens become (TrainOptions.overrides)
+    with caplog.at_level("WARNING", logger="ldm.cli"):
+        apply_overrides(config, opt)
+    assert config.data.params.validation.params.placeholder_token == "sks"  # the user's explicit value
+    assert config.data.params.train.params.placeholder_token == "*"  # the others follow the model
+    assert "differs from the model's placeholder" in caplog.text
+
+
 def test_apply_overrides_style_config_datasets():
     config = merge_configs([str(LDM_STYLE_CONFIG)], [])
     apply_overrides(config, opts("--placeholder_string", "&", "--data_root", "/imgs/style"))
