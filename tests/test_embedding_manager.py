@@ -232,7 +232,7 @@ def test_load_file_without_token_ids_uses_the_tokenizer(bert, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Progressive words (docs/DIFFERENCES.md#progressive-counter)
+# Progressive words (docs/DIFFERENCES.md#progressive-counter-resumed)
 # ---------------------------------------------------------------------------------------------------
 
 

@@ -9,10 +9,13 @@ tokenizer gives it (it must be exactly one token); the *initializer word* seeds 
 placeholder owns `num_vectors_per_token` vectors of width `token_dim`.
 
 Local changes (bugs of the official code; docs/DIFFERENCES.md#embedding-manager): the caller's token ids
-and config lists are never mutated (#no-input-mutation); the substitution mode follows the parameter's row
-count, so a multi-vector file loads under a single-vector config (#mode-from-vector-count); files are saved
-on the CPU and written atomically (#embeddings-saved-on-cpu); files are read without unpickling code
-(#safe-loading); several-token and unknown placeholders raise a clear error (#placeholder-errors).
+and config lists are never mutated (#no-input-mutation); under a single-vector config the substitution mode
+follows the parameter's row count, so a multi-vector file loads there (#mode-from-vector-count; a
+multi-vector config caps the rows used at `num_vectors_per_token`, as the reference, #max-vectors-cap);
+files are saved on the CPU and written atomically (#embeddings-saved-on-cpu); files are read without
+unpickling code (#safe-loading); several-token and unknown placeholders raise a clear error
+(#placeholder-errors). The progressive-words counter is saved in training checkpoints by the model
+(#progressive-counter-resumed), not in embedding files.
 """
 
 from __future__ import annotations
@@ -190,18 +193,23 @@ class EmbeddingManager(nn.Module):
         for placeholder, token in self.string_to_token_dict.items():
             param = self.string_to_param_dict[placeholder]
             token = token.to(ids.device)
-            if self.progressive_words and self.max_vectors_per_token > 1:
+            rows = param.shape[0]
+            if self.max_vectors_per_token == 1:
+                if rows == 1:
+                    # Reference single-vector mode: the vector enters the graph even when no token matches,
+                    # so an absent placeholder gets a zero gradient (not None) and AdamW still moves it
+                    # (weight decay, momentum). docs/DIFFERENCES.md#absent-placeholder-update
+                    embedded = torch.where((ids == token)[..., None], param[0].to(embedded.dtype), embedded)
+                    continue
+                k = rows  # a multi-vector file under a single-vector config (#mode-from-vector-count)
+            elif self.progressive_words:
                 # Counts forward calls (not optimizer steps), before the presence check, as the reference.
                 self.progressive_counter += 1
-                k = min(param.shape[0], 1 + self.progressive_counter // PROGRESSIVE_SCALE)
+                k = min(rows, 1 + self.progressive_counter // PROGRESSIVE_SCALE)
             else:
-                k = param.shape[0]
-            if k == 1:
-                mask = ids == token
-                if mask.any():
-                    embedded = torch.where(mask[..., None], param[0].to(embedded.dtype), embedded)
-            else:
-                ids, embedded = expand_placeholders(ids, embedded, token, param[:k])
+                k = min(rows, self.max_vectors_per_token)  # the reference's cap (#max-vectors-cap)
+            # Multi-vector mode: an absent placeholder is skipped, so its gradient stays None (as the reference).
+            ids, embedded = expand_placeholders(ids, embedded, token, param[:k])
         return ids, embedded
 
     def warn_unmatched(self, texts: Sequence[str]) -> None:
@@ -272,6 +280,10 @@ class EmbeddingManager(nn.Module):
                     f"{source}: embedding for '{placeholder}' has width {value.shape[-1]}, "
                     f"but this model's text encoder has token width {self.token_dim}"
                 )
+            if 1 < self.max_vectors_per_token < value.shape[0] and not self.progressive_words:
+                logger.warning("%s: '%s' has %d vectors but num_vectors_per_token is %d: only the first %d are "
+                               "used (as the reference)", source, placeholder, value.shape[0],
+                               self.max_vectors_per_token, self.max_vectors_per_token)
             params[placeholder] = nn.Parameter(value.to(device) if device is not None else value)
             token = emb.tokens.get(placeholder)
             tokens[placeholder] = torch.tensor(token) if token is not None else self._token_of(placeholder)

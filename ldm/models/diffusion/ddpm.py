@@ -10,8 +10,10 @@ are kept (configs and checkpoints use them). Local changes:
   docs/DIFFERENCES.md#strict-checkpoint-loading);
 - `logvar` is a non-persistent buffer, so it follows the device (docs/DIFFERENCES.md#logvar-buffer);
 - randomness is injectable: `t`, `noise` and the posterior noise can be passed in;
-- logging instead of print; ancestral DDPM sampling and the patch-wise (split-input) paths are left out:
-  no text-to-image config or Textual Inversion script uses them.
+- logging instead of print; the patch-wise (split-input) paths are left out: no text-to-image config or
+  Textual Inversion script uses them;
+- ancestral sampling (`p_sample_loop`, `sample_log(ddim=False)`) also takes x0 and v models, a
+  `generator`, and classifier-free guidance (docs/DIFFERENCES.md#ddpm-ancestral-sampler).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ldm.checkpoint import load_state_dict_into, read_state_dict
 from ldm.models.autoencoder import AutoencoderKL
@@ -35,7 +38,9 @@ from ldm.models.diffusion.ddpm_schedule import (
     schedule_table,
 )
 from ldm.models.diffusion.latent_cache import LatentCache
+from ldm.models.diffusion.sampling import guided_output
 from ldm.models.diffusion.textual_inversion import (
+    PROGRESSIVE_COUNTER_KEY,
     REG_FORMS,
     build_embedding_manager,
     complete_state_dict,
@@ -46,7 +51,7 @@ from ldm.models.diffusion.textual_inversion import (
     slim_state_dict,
 )
 from ldm.modules.attention import check_attention
-from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, noise_like
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.frozen_weights import DTYPES as FROZEN_DTYPES
@@ -109,9 +114,10 @@ class DDPM(pl.LightningModule):
         given_betas=None,
         original_elbo_weight: float = 0.0,
         embedding_reg_weight: float = 0.0,
-        embedding_reg_form: str = "l2",
+        embedding_reg_form: str = "gram",
         unfreeze_model: bool = False,
         model_lr: float = 0.0,
+        freeze_embedding: bool = False,
         v_posterior: float = 0.0,
         l_simple_weight: float = 1.0,
         conditioning_key: str | None = None,
@@ -130,8 +136,6 @@ class DDPM(pl.LightningModule):
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got '{parameterization}'")
         if loss_type not in ("l1", "l2"):
             raise ValueError(f"loss_type must be 'l1' or 'l2', got '{loss_type}'")
-        if scheduler_config is not None:
-            raise NotImplementedError("scheduler_config: learning-rate schedulers are not supported")
         if use_positional_encodings:
             raise NotImplementedError("use_positional_encodings is not supported")
         self.parameterization = parameterization
@@ -151,7 +155,8 @@ class DDPM(pl.LightningModule):
         self.use_ema = use_ema
         if use_ema:
             self.model_ema = LitEma(self.model)
-        self.use_scheduler = False
+        self.use_scheduler = scheduler_config is not None
+        self.scheduler_config = scheduler_config
         self.v_posterior = v_posterior
         self.original_elbo_weight = original_elbo_weight
         self.l_simple_weight = l_simple_weight
@@ -161,6 +166,8 @@ class DDPM(pl.LightningModule):
         self.embedding_reg_form = embedding_reg_form
         self.unfreeze_model = unfreeze_model
         self.model_lr = model_lr
+        # Pivotal tuning, stage 2 (Appendix E): the learned word stays at its pivot, only the UNet trains.
+        self.freeze_embedding = freeze_embedding
         if monitor is not None:
             self.monitor = monitor
         self.loss_type = loss_type
@@ -320,6 +327,76 @@ class DDPM(pl.LightningModule):
         t = default(t, lambda: self.sample_timesteps(x.shape[0]))
         return self.p_losses(x, t, *args, noise=noise, **kwargs)
 
+    # -- ancestral sampling (Ho et al. 2020, algorithm 2) ---------------------------------------------
+
+    def x0_from_output(self, x_t, t, output):
+        """The x_0 estimate implied by a network output at (x_t, t): for eps the reference's
+        `predict_start_from_noise`, for x0 the output itself, for v sqrt(abar_t) x_t - sqrt(1 - abar_t) v
+        (SD 2.x's `predict_start_from_z_and_v`)."""
+        if self.parameterization == "eps":
+            return self.predict_start_from_noise(x_t, t=t, noise=output)
+        if self.parameterization == "x0":
+            return output
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * output)
+
+    def posterior_from_output(self, x, t, model_out, clip_denoised: bool):
+        """(mean, variance, log_variance, x0) of p(x_{t-1} | x_t): the posterior q(x_{t-1} | x_t, x0) at the
+        network's x0 estimate, clamped in place to [-1, 1] with `clip_denoised` (as the reference)."""
+        x_recon = self.x0_from_output(x, t, model_out)
+        if clip_denoised:
+            x_recon.clamp_(-1.0, 1.0)
+        mean, variance, log_variance = self.q_posterior(x_start=x_recon, x_t=x, t=t)
+        return mean, variance, log_variance, x_recon
+
+    @staticmethod
+    def posterior_draw(mean, log_variance, t, noise=None, generator=None, repeat_noise=False, temperature=1.0,
+                       noise_dropout=0.0):
+        """mean + exp(0.5 log_variance) * noise, without noise where t == 0. Unless `noise` is given, one
+        standard normal draw of mean's shape per call (also at t == 0, keeping the reference's RNG stream),
+        from `generator` or the global RNG."""
+        if noise is None:
+            noise = noise_like(mean.shape, mean.device, repeat_noise, generator=generator)
+        noise = noise * temperature
+        if noise_dropout > 0.0:
+            noise = torch.nn.functional.dropout(noise, p=noise_dropout)
+        nonzero_mask = (1 - (t == 0).float()).reshape(mean.shape[0], *((1,) * (mean.ndim - 1)))
+        return mean + nonzero_mask * (0.5 * log_variance).exp() * noise
+
+    def p_mean_variance(self, x, t, clip_denoised: bool):
+        model_out = self.model(x, t)
+        mean, variance, log_variance, _ = self.posterior_from_output(x, t, model_out, clip_denoised)
+        return mean, variance, log_variance
+
+    @torch.no_grad()
+    def p_sample(self, x, t, clip_denoised=True, repeat_noise=False, noise=None, generator=None):
+        """One ancestral step x_t -> x_{t-1}; `noise` (or `generator`) replaces the global-RNG draw."""
+        mean, _, log_variance = self.p_mean_variance(x=x, t=t, clip_denoised=clip_denoised)
+        return self.posterior_draw(mean, log_variance, t, noise, generator, repeat_noise)
+
+    @torch.no_grad()
+    def p_sample_loop(self, shape, return_intermediates=False, x_T=None, verbose=True, generator=None):
+        """From x_T ~ N(0, I) (or `x_T`) through t = T-1, ..., 0; intermediates every `log_every_t`."""
+        device = self.betas.device
+        b = shape[0]
+        img = torch.randn(shape, device=device, generator=generator) if x_T is None else x_T.to(device)
+        intermediates = [img]
+        for i in tqdm(reversed(range(0, self.num_timesteps)), desc="Sampling t", total=self.num_timesteps,
+                      disable=not verbose):
+            img = self.p_sample(img, torch.full((b,), i, device=device, dtype=torch.long),
+                                clip_denoised=self.clip_denoised, generator=generator)
+            if i % self.log_every_t == 0 or i == self.num_timesteps - 1:
+                intermediates.append(img)
+        if return_intermediates:
+            return img, intermediates
+        return img
+
+    @torch.no_grad()
+    def sample(self, batch_size=16, return_intermediates=False, **kwargs):
+        """`batch_size` ancestral samples of shape (channels, image_size, image_size)."""
+        shape = (batch_size, self.channels, self.image_size, self.image_size)
+        return self.p_sample_loop(shape, return_intermediates=return_intermediates, **kwargs)
+
     # -- Lightning -----------------------------------------------------------------------------------
 
     def get_input(self, batch, k):
@@ -349,7 +426,21 @@ class DDPM(pl.LightningModule):
         params = list(self.model.parameters())
         if self.learn_logvar:
             params.append(self.logvar)
-        return torch.optim.AdamW(params, lr=self.learning_rate)
+        return self.with_scheduler(torch.optim.AdamW(params, lr=self.learning_rate))
+
+    def with_scheduler(self, optimizer):
+        """The optimizer, with the `scheduler_config` schedule (a per-step LR multiplier) when one is set."""
+        if not self.use_scheduler:
+            return optimizer
+        schedule = instantiate_from_config(self.scheduler_config)
+        if getattr(schedule, "lr_max_decay_steps", 0) is None:  # "the run's length"
+            max_steps = self.trainer.max_steps if self._trainer is not None else -1
+            if max_steps is None or max_steps < 1:
+                raise ValueError("scheduler_config: max_decay_steps is null but the run sets no max_steps")
+            schedule.set_decay_steps(max_steps)
+        logger.info("Setting up LambdaLR scheduler...")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule.schedule)
+        return [optimizer], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
 
 
 class LatentDiffusion(DDPM):
@@ -430,6 +521,10 @@ class LatentDiffusion(DDPM):
             if manager_state:
                 load_state_dict_into(self.embedding_manager, manager_state, allow_missing=("initial_embeddings.",),
                                      source_name=f"{ckpt_path} (embedding_manager.*)")
+            if self.freeze_embedding:  # pivotal tuning: the word and the text encoder stay fixed
+                freeze(self.cond_stage_model)
+                for p in self.embedding_manager.embedding_parameters():
+                    p.requires_grad = False
         elif manager_state:
             logger.info("ignored %d embedding_manager.* tensors of %s: no personalization_config",
                         len(manager_state), ckpt_path)
@@ -603,10 +698,121 @@ class LatentDiffusion(DDPM):
     # -- sampling and preview images ------------------------------------------------------------------
 
     @torch.no_grad()
+    def p_mean_variance(self, x, c, t, clip_denoised: bool, return_codebook_ids=False,
+                        quantize_denoised=False, return_x0=False, score_corrector=None, corrector_kwargs=None,
+                        unconditional_guidance_scale=1.0, unconditional_conditioning=None):
+        """Posterior (mean, variance, log_variance[, x0]) at the denoiser's x0 estimate for cond `c`.
+
+        Guidance (`unconditional_*`, as the DDIM sampler's; docs/DIFFERENCES.md#ddpm-ancestral-sampler)
+        mixes the raw outputs before the conversion to x0; the default is the reference's plain call.
+        """
+        if return_codebook_ids:
+            raise NotImplementedError("return_codebook_ids is not supported (dropped upstream)")
+        model_out = guided_output(self, x, t, c, unconditional_guidance_scale, unconditional_conditioning)
+        if score_corrector is not None:
+            if self.parameterization != "eps":
+                raise ValueError("score_corrector needs an eps-prediction model")
+            model_out = score_corrector.modify_score(self, model_out, x, t, c, **(corrector_kwargs or {}))
+        model_mean, posterior_variance, posterior_log_variance, x_recon = self.posterior_from_output(
+            x, t, model_out, clip_denoised)
+        if quantize_denoised:
+            x_recon = self.first_stage_model.quantize(x_recon)[0]
+            model_mean, posterior_variance, posterior_log_variance = self.q_posterior(
+                x_start=x_recon, x_t=x, t=t)
+        if return_x0:
+            return model_mean, posterior_variance, posterior_log_variance, x_recon
+        return model_mean, posterior_variance, posterior_log_variance
+
+    @torch.no_grad()
+    def p_sample(self, x, c, t, clip_denoised=False, repeat_noise=False, return_codebook_ids=False,
+                 quantize_denoised=False, return_x0=False, temperature=1.0, noise_dropout=0.0,
+                 score_corrector=None, corrector_kwargs=None, unconditional_guidance_scale=1.0,
+                 unconditional_conditioning=None, noise=None, generator=None):
+        """One ancestral step x_t -> x_{t-1} (no noise at t == 0); `noise` (or `generator`) replaces the
+        global-RNG draw. Returns x_{t-1}, or (x_{t-1}, x0) with `return_x0`."""
+        outputs = self.p_mean_variance(x=x, c=c, t=t, clip_denoised=clip_denoised,
+                                       return_codebook_ids=return_codebook_ids,
+                                       quantize_denoised=quantize_denoised, return_x0=True,
+                                       score_corrector=score_corrector, corrector_kwargs=corrector_kwargs,
+                                       unconditional_guidance_scale=unconditional_guidance_scale,
+                                       unconditional_conditioning=unconditional_conditioning)
+        model_mean, _, model_log_variance, x0 = outputs
+        x_prev = self.posterior_draw(model_mean, model_log_variance, t, noise, generator, repeat_noise,
+                                     temperature, noise_dropout)
+        return (x_prev, x0) if return_x0 else x_prev
+
+    @torch.no_grad()
+    def p_sample_loop(self, cond, shape, return_intermediates=False, x_T=None, verbose=True, callback=None,
+                      timesteps=None, quantize_denoised=False, mask=None, x0=None, img_callback=None,
+                      start_T=None, log_every_t=None, generator=None, unconditional_guidance_scale=1.0,
+                      unconditional_conditioning=None):
+        """Ancestral sampling from x_T ~ N(0, I) (or `x_T`) through t = timesteps-1, ..., 0 (timesteps
+        defaults to T, capped by `start_T`); intermediates every `log_every_t` (default the model's), as
+        the reference. `generator` drives x_T, every step's noise and the masked q_sample."""
+        if not log_every_t:
+            log_every_t = self.log_every_t
+        device = self.betas.device
+        b = shape[0]
+        img = torch.randn(shape, device=device, generator=generator) if x_T is None else x_T.to(device)
+        intermediates = [img]
+        if timesteps is None:
+            timesteps = self.num_timesteps
+        if start_T is not None:
+            timesteps = min(timesteps, start_T)
+        if mask is not None and (x0 is None or x0.shape[2:3] != mask.shape[2:3]):
+            raise ValueError("mask needs x0 of the same spatial size")
+        iterator = tqdm(reversed(range(0, timesteps)), desc="Sampling t", total=timesteps,
+                        disable=not verbose)
+        for i in iterator:
+            ts = torch.full((b,), i, device=device, dtype=torch.long)
+            img = self.p_sample(img, cond, ts, clip_denoised=self.clip_denoised,
+                                quantize_denoised=quantize_denoised,
+                                unconditional_guidance_scale=unconditional_guidance_scale,
+                                unconditional_conditioning=unconditional_conditioning, generator=generator)
+            if mask is not None:
+                q_noise = None if generator is None else torch.randn(
+                    x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+                img_orig = self.q_sample(x0, ts, noise=q_noise)
+                img = img_orig * mask + (1.0 - mask) * img
+            if i % log_every_t == 0 or i == timesteps - 1:
+                intermediates.append(img)
+            if callback:
+                callback(i)
+            if img_callback:
+                img_callback(img, i)
+        if return_intermediates:
+            return img, intermediates
+        return img
+
+    @torch.no_grad()
+    def sample(self, cond, batch_size=16, return_intermediates=False, x_T=None, verbose=True, timesteps=None,
+               quantize_denoised=False, mask=None, x0=None, shape=None, **kwargs):
+        """`batch_size` ancestral samples (latents of shape (channels, image_size, image_size) unless
+        `shape`); `cond` is cut to the batch size. Further keywords go to `p_sample_loop` (generator,
+        guidance, callbacks...)."""
+        if shape is None:
+            shape = (batch_size, self.channels, self.image_size, self.image_size)
+        if cond is not None:
+            if isinstance(cond, dict):
+                cond = {key: cond[key][:batch_size] if not isinstance(cond[key], list)
+                        else [x[:batch_size] for x in cond[key]] for key in cond}
+            else:
+                cond = [c[:batch_size] for c in cond] if isinstance(cond, list) else cond[:batch_size]
+        return self.p_sample_loop(cond, shape, return_intermediates=return_intermediates, x_T=x_T,
+                                  verbose=verbose, timesteps=timesteps, quantize_denoised=quantize_denoised,
+                                  mask=mask, x0=x0, **kwargs)
+
+    @torch.no_grad()
     def sample_log(self, cond, batch_size, ddim=True, ddim_steps=200, **kwargs):
-        """DDIM samples of latent shape (channels, image_size, image_size); returns (samples, intermediates)."""
+        """Samples of latent shape (channels, image_size, image_size); returns (samples, intermediates).
+
+        ddim=True: the DDIM sampler in `ddim_steps` steps (intermediates a dict). ddim=False: ancestral
+        sampling through all T steps (`sample`, intermediates a list); `ddim_steps` and `eta` are DDIM
+        settings and are ignored there, as in the reference.
+        """
         if not ddim:
-            raise NotImplementedError("ancestral (non-DDIM) sampling is not supported; use ddim=True")
+            kwargs.pop("eta", None)
+            return self.sample(cond=cond, batch_size=batch_size, return_intermediates=True, **kwargs)
         from ldm.models.diffusion.ddim import DDIMSampler
 
         shape = (self.channels, self.image_size, self.image_size)
@@ -615,11 +821,14 @@ class LatentDiffusion(DDPM):
     @torch.no_grad()
     def log_images(self, batch, N=8, n_row=4, sample=True, ddim_steps=200, ddim_eta=1.0, return_keys=None,
                    quantize_denoised=True, inpaint=False, plot_denoise_rows=False, plot_progressive_rows=False,
-                   plot_diffusion_rows=False, unconditional_guidance_scale=5.0, split=None):
+                   plot_diffusion_rows=False, unconditional_guidance_scale=5.0, split=None, ddim=None):
         """Preview panels in [-1, 1], as the reference: inputs, reconstruction, conditioning (captions as
         images), samples (DDIM, eta 1, no guidance) and samples_scaled (same with guidance 5, the TI
         addition).
-        `split` ("train"/"val", passed by the ImageLogger) does not change the panels."""
+        As the reference, `ddim_steps=None` samples ancestrally (all T steps) instead of with DDIM; `ddim`
+        (True/False) overrides that choice. `split` ("train"/"val", passed by the ImageLogger) does not
+        change the panels."""
+        use_ddim = ddim_steps is not None if ddim is None else bool(ddim)
         if inpaint or plot_denoise_rows or plot_progressive_rows or plot_diffusion_rows:
             raise NotImplementedError("inpaint and denoise/progressive/diffusion rows are not supported")
         z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
@@ -630,12 +839,12 @@ class LatentDiffusion(DDPM):
             log["conditioning"] = log_txt_as_img((x.shape[2], x.shape[3]), list(xc)[:n]).to(x)
         if sample:
             with self.ema_scope("Plotting"):
-                samples, _ = self.sample_log(c, n, ddim_steps=ddim_steps, eta=ddim_eta)
+                samples, _ = self.sample_log(c, n, ddim=use_ddim, ddim_steps=ddim_steps, eta=ddim_eta)
             log["samples"] = self.decode_first_stage(samples)
             if self.cond_stage_model is not None and self.cond_stage_key in ("caption", "txt"):
                 uc = self.get_learned_conditioning(n * [""])
                 with self.ema_scope("Plotting"):
-                    samples, _ = self.sample_log(c, n, ddim_steps=ddim_steps, eta=ddim_eta,
+                    samples, _ = self.sample_log(c, n, ddim=use_ddim, ddim_steps=ddim_steps, eta=ddim_eta,
                                                  unconditional_guidance_scale=unconditional_guidance_scale,
                                                  unconditional_conditioning=uc)
                 log["samples_scaled"] = self.decode_first_stage(samples)
@@ -653,17 +862,26 @@ class LatentDiffusion(DDPM):
                 params += list(self.cond_stage_model.parameters())
             if self.learn_logvar:
                 params.append(self.logvar)
-            return torch.optim.AdamW(params, lr=self.learning_rate)
+            return self.with_scheduler(torch.optim.AdamW(params, lr=self.learning_rate))
+        if self.freeze_embedding:  # pivotal tuning, stage 2: the UNet alone, at model_lr
+            if not self.unfreeze_model:
+                raise ValueError("freeze_embedding with unfreeze_model false leaves nothing to train; set "
+                                 "model.params.unfreeze_model=true (pivotal tuning trains the UNet)")
+            return self.with_scheduler(torch.optim.AdamW(self.model.parameters(), lr=self.model_lr))
         extra = None
         if self.unfreeze_model:
             extra = list(self.cond_stage_model.parameters()) + list(self.model.parameters())
-        return make_optimizer(self.embedding_manager, self.learning_rate, extra, self.model_lr)
+        return self.with_scheduler(make_optimizer(self.embedding_manager, self.learning_rate, extra, self.model_lr))
 
     # -- checkpoints (Textual Inversion) -------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint):
         if self.embedding_manager is None:
             return
+        # The progressive-words schedule position, so --resume continues it (the reference restarted it,
+        # docs/DIFFERENCES.md#progressive-counter-resumed). Kept outside the state dict, whose keys stay
+        # the official ones.
+        checkpoint[PROGRESSIVE_COUNTER_KEY] = int(self.embedding_manager.progressive_counter)
         if not self.unfreeze_model:
             checkpoint["state_dict"] = slim_state_dict(checkpoint["state_dict"])
             checkpoint["textual_inversion_slim"] = True
@@ -675,6 +893,8 @@ class LatentDiffusion(DDPM):
     def on_load_checkpoint(self, checkpoint):
         if checkpoint.pop("textual_inversion_slim", False):
             checkpoint["state_dict"] = complete_state_dict(checkpoint["state_dict"], self.state_dict())
+        if self.embedding_manager is not None and PROGRESSIVE_COUNTER_KEY in checkpoint:  # absent in older files
+            self.embedding_manager.progressive_counter = int(checkpoint[PROGRESSIVE_COUNTER_KEY])
 
 
 class DiffusionWrapper(pl.LightningModule):

@@ -25,6 +25,25 @@ from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, mak
 logger = logging.getLogger(__name__)
 
 
+def guided_output(model, x, t, c, unconditional_guidance_scale=1.0, unconditional_conditioning=None):
+    """The network output with classifier-free guidance: out_u + s (out_c - out_u), one batched
+    `model.apply_model` call with the unconditional half first (a plain call without guidance).
+
+    Guidance mixes raw outputs, which is linear in eps for every parameterization. Used by the DDIM/PLMS
+    samplers and by the ancestral sampler (`LatentDiffusion.p_mean_variance`).
+    """
+    scale, uc = unconditional_guidance_scale, unconditional_conditioning
+    if uc is None or scale == 1.0:
+        return model.apply_model(x, t, c)
+    x_in, t_in = torch.cat([x] * 2), torch.cat([t] * 2)
+    if isinstance(c, dict):
+        c_in = {k: [torch.cat([uc[k][i], c[k][i]]) for i in range(len(c[k]))] for k in c}
+    else:
+        c_in = torch.cat([uc, c])
+    out_uncond, out = model.apply_model(x_in, t_in, c_in).chunk(2)
+    return out_uncond + scale * (out - out_uncond)
+
+
 class SamplerBase:
     """Holds the DDIM schedule of a model and runs the reverse loop; subclasses define `_step`."""
 
@@ -130,17 +149,7 @@ class SamplerBase:
 
         Guidance mixes the raw outputs (linear in eps for every parameterization), then converts to eps.
         """
-        scale, uc = unconditional_guidance_scale, unconditional_conditioning
-        if uc is None or scale == 1.0:
-            e_t = self.model.apply_model(x, t, c)
-        else:
-            x_in, t_in = torch.cat([x] * 2), torch.cat([t] * 2)
-            if isinstance(c, dict):
-                c_in = {k: [torch.cat([uc[k][i], c[k][i]]) for i in range(len(c[k]))] for k in c}
-            else:
-                c_in = torch.cat([uc, c])
-            e_t_uncond, e_t = self.model.apply_model(x_in, t_in, c_in).chunk(2)
-            e_t = e_t_uncond + scale * (e_t - e_t_uncond)
+        e_t = guided_output(self.model, x, t, c, unconditional_guidance_scale, unconditional_conditioning)
         e_t = self.model.eps_from_output(x, t, e_t)
         if score_corrector is not None:
             if self.model.parameterization != "eps":

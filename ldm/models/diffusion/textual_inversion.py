@@ -8,8 +8,8 @@
 5. Checkpoints: every Lightning checkpoint also writes `embeddings.pt` and `embeddings_gs-<step>.pt`
    next to it. The reference emptied the Lightning checkpoint (so `--resume` could never work,
    docs/DIFFERENCES.md#resume-kept-checkpoint); here it
-   keeps only the trainable tensors (a few KB: vectors, optimizer moments, step), and the frozen weights
-   are taken from the model being resumed.
+   keeps only the trainable tensors (a few KB: vectors, optimizer moments, step, and the progressive-words
+   counter), and the frozen weights are taken from the model being resumed.
 """
 
 from __future__ import annotations
@@ -60,12 +60,13 @@ def make_optimizer(
 REG_FORMS = ("l2", "gram")
 
 
-def embedding_regularization(manager: nn.Module, form: str = "l2") -> torch.Tensor:
+def embedding_regularization(manager: nn.Module, form: str = "gram") -> torch.Tensor:
     """Pull of the vectors towards their initializer embedding (paper, section 4.3 "regularization").
 
-    "l2" (default): mean over vectors of ||p_i - p0_i||^2, summed over the P initialised placeholders / P.
-    "gram": the reference's value, the mean of the [k, k] Gram matrix (p - p0)(p - p0)^T / P, which for
-    k > 1 only penalises the mean offset ||mean_i(p_i - p0_i)||^2. Both agree for one vector per token.
+    "gram" (default, the reference's `embedding_to_coarse_loss().mean()`): the mean of the [k, k] Gram
+    matrix (p - p0)(p - p0)^T / P, which for k > 1 only penalises the mean offset ||mean_i(p_i - p0_i)||^2.
+    "l2" (option): mean over vectors of ||p_i - p0_i||^2, summed over the P initialised placeholders / P,
+    which pulls each vector. Both agree for one vector per token. docs/DIFFERENCES.md#regulariser-per-vector
     """
     if form == "gram":
         loss = manager.embedding_to_coarse_loss()
@@ -78,6 +79,8 @@ def embedding_regularization(manager: nn.Module, form: str = "l2") -> torch.Tens
 
 
 MANAGER_PREFIX = "embedding_manager."
+# Lightning-checkpoint key of the embedding manager's progressive-words forward-call counter (an int).
+PROGRESSIVE_COUNTER_KEY = "embedding_manager_progressive_counter"
 
 
 def slim_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

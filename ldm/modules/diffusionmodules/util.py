@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 
 import numpy as np
 import torch
@@ -61,7 +62,20 @@ def make_ddim_timesteps(
 
     Fidelity quirk: ldm adds 1 to every step, so S=50 of T=1000 gives [1, 21, ..., 981]; when T is not
     divisible by S the "uniform" rule yields more than S steps, and "quad" can repeat steps.
+
+    Fix (docs/DIFFERENCES.md#ddim-step-count): where the +1 puts the last step at T (out of range, the
+    reference's `IndexError: index 1000`; for T=1000 "uniform" that is S = 3, 9, 27, 36-37, 101-111,
+    251-333 and 501-1000, i.e. T // S divides T - 1), the steps are returned without the +1: the same
+    spacing shifted down by one, ending at T - 1 (S=3 gives [0, 333, 666, 999]), and a warning says so.
+    Every other S returns the reference's array unchanged. S outside [1, T] raises a ValueError.
     """
+    try:
+        num_ddim_timesteps = operator.index(num_ddim_timesteps)
+    except TypeError:
+        raise ValueError(f"ddim_steps must be an integer, got {num_ddim_timesteps!r}") from None
+    if not 1 <= num_ddim_timesteps <= num_ddpm_timesteps:
+        raise ValueError(f"ddim_steps must be between 1 and the model's {num_ddpm_timesteps} diffusion "
+                         f"timesteps, got {num_ddim_timesteps}")
     if ddim_discr_method == "uniform":
         c = num_ddpm_timesteps // num_ddim_timesteps
         steps = np.asarray(list(range(0, num_ddpm_timesteps, c)))
@@ -70,6 +84,13 @@ def make_ddim_timesteps(
     else:
         raise NotImplementedError(f"There is no ddim discretization method called '{ddim_discr_method}'")
     steps_out = steps + 1
+    if steps_out[-1] >= num_ddpm_timesteps:
+        steps_out = steps
+        logger.warning(
+            "DDIM '%s' with ddim_steps=%d of T=%d: the reference's timesteps end at %d (out of range, it "
+            "crashes); using them shifted down by one (%d..%d), so this schedule differs from the reference",
+            ddim_discr_method, num_ddim_timesteps, num_ddpm_timesteps, steps[-1] + 1, steps[0], steps[-1],
+        )
     if len(np.unique(steps_out)) != len(steps_out) or len(steps_out) != num_ddim_timesteps:
         logger.warning(
             "DDIM '%s' with S=%d of T=%d visits %d timesteps (%d distinct)",
