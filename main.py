@@ -14,11 +14,15 @@ from __future__ import annotations
 import logging
 import sys
 
-from ldm.callbacks import CUDACallback, ImageLogger, LearningRateMonitor, SetupCallback  # noqa: F401
-from ldm.cli import parse_args, trainer_flags
+from ldm.callbacks import CUDACallback, ImageLogger, LearningRateMonitor, NonFiniteError, SetupCallback  # noqa: F401
+from ldm.checkpoint import CheckpointError
+from ldm.cli import UsageError, parse_args, trainer_flags
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401
-from ldm.scripts_common import USER_ERRORS
+from ldm.scripts_common import USER_ERRORS, report_error
 from ldm.training import TrainOptions, fit, prepare
+
+#: Errors of a started run that are reported as one line (see `main`).
+TRAINING_ERRORS = (NonFiniteError, CheckpointError, UsageError)
 
 
 def options_from_args(argv=None) -> TrainOptions:
@@ -30,16 +34,19 @@ def options_from_args(argv=None) -> TrainOptions:
 
 
 def main(argv=None) -> int:
+    """Exit code 0 on success; a user error (bad flag, config, file, or a run that went non-finite) is one
+    line `main.py: error: ...` and exit code 1 (2 for malformed flags), its traceback shown with --debug or
+    TI_DEBUG=1."""
     opts = options_from_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         job = prepare(opts)
     except USER_ERRORS as e:
-        if opts.debug:
-            raise
-        print(f"main.py: error: {e}", file=sys.stderr)
-        return 1
-    fit(job, opts)
+        return report_error("main.py", e, opts.debug)
+    try:
+        fit(job, opts)
+    except TRAINING_ERRORS as e:  # not every ValueError: a bug inside training keeps its traceback
+        return report_error("main.py", e, opts.debug)
     return 0
 
 

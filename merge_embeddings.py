@@ -16,11 +16,11 @@ import sys
 from ldm.modules.embedding_formats import read_embeddings, write_embeddings
 from ldm.modules.embedding_manager import token_function
 from ldm.modules.embedding_merge import merge_embeddings, parse_rename
-from ldm.scripts_common import USER_ERRORS
+from ldm.scripts_common import USER_ERRORS, check_output_path, one_line_parser, report_error
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = one_line_parser("merge_embeddings.py", argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--manager_ckpts", type=str, nargs="+", required=True, help="embedding files, in order")
     p.add_argument("--output_path", type=str, required=True, help="merged file (.pt or .safetensors)")
     p.add_argument("-sd", "--stable_diffusion", action="store_true", help="CLIP (SD) instead of BERT (LDM)")
@@ -33,18 +33,18 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     opt = parse_args(argv)
     try:
+        check_output_path(opt.output_path, opt.manager_ckpts, "--output_path")
         renames = dict(parse_rename(r) for r in opt.rename)
-        token_of = token_function(opt.stable_diffusion, opt.tokenizer_path)
         sets = []
-        for path in opt.manager_ckpts:
+        for path in opt.manager_ckpts:  # every input is read (and checked) before the tokenizer loads
             print(f"Parsing {path}...")
             sets.append((path, read_embeddings(path)))
+        token_of = token_function(opt.stable_diffusion, opt.tokenizer_path)
         merged, source = merge_embeddings(sets, renames, token_of)
         print("Saving combined manager...")
         write_embeddings(merged, opt.output_path)
     except USER_ERRORS as e:
-        print(f"merge_embeddings.py: error: {e}", file=sys.stderr)
-        return 1
+        return report_error("merge_embeddings.py", e)
     print("Managers merged. Final list of placeholders: ")
     print(source)
     return 0

@@ -141,17 +141,29 @@ class CUDACallback(pl.Callback):
         device = trainer.strategy.root_device
         return device if torch.cuda.is_available() and device.type not in ("cpu", "mps") else None
 
-    def on_train_epoch_start(self, trainer, pl_module):
+    # A mid-epoch restore (`--resume` after a kill) skips on_train_epoch_start of the interrupted epoch, so
+    # the clock also starts in on_train_start and the epoch end never depends on the epoch start.
+    start_time: float | None = None
+
+    def _start_clock(self, trainer):
         device = self._cuda_device(trainer)
         if device is not None:
             torch.cuda.reset_peak_memory_stats(device)
             torch.cuda.synchronize(device)
         self.start_time = time.time()
 
+    def on_train_start(self, trainer, pl_module):
+        self._start_clock(trainer)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._start_clock(trainer)
+
     def on_train_epoch_end(self, trainer, pl_module):
         device = self._cuda_device(trainer)
         if device is not None:
             torch.cuda.synchronize(device)
+        if self.start_time is None:  # no train start seen (e.g. a loop driven by hand): nothing to report
+            return
         epoch_time = trainer.strategy.reduce(torch.tensor(time.time() - self.start_time)).item()
         rank_zero_info(f"Average Epoch time: {epoch_time:.2f} seconds")
         if device is not None:
@@ -192,3 +204,83 @@ class EmbeddingSyncCheck(pl.Callback):
         rank_zero_info(f"embedding identical on {trainer.world_size} ranks: max difference {diff:.3g}")
         if diff > 0:
             raise RuntimeError(f"DDP ranks disagree on the learned embedding (max difference {diff:.3g})")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or embedding; the run stops without saving it."""
+
+
+class TrainProgress(pl.Callback):
+    """The global step training (re)started at, after any checkpoint restore; None before training starts.
+
+    `fit` saves an emergency checkpoint only for a run that trained past it, so a failed `--resume` (or a
+    crash before the first step) never replaces the files of the run it was meant to continue.
+    """
+
+    start_step: int | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_step = int(trainer.global_step)
+
+    def trained(self, trainer) -> bool:
+        return self.start_step is not None and int(trainer.global_step) > self.start_step
+
+
+class FiniteGuard(pl.Callback):
+    """Stop at the first optimizer step whose loss or learned embedding is not finite.
+
+    It runs before the checkpoint callback of that step (Lightning orders checkpoint callbacks last), so no
+    non-finite vector reaches `embeddings.pt` or `last.ckpt`: the files of the last checkpoint stay as they
+    were. The model's embedding is set back to the last finite values, and `NonFiniteError` names the step.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._last: list[torch.Tensor] | None = None
+
+    @staticmethod
+    def _params(pl_module) -> list[torch.Tensor]:
+        manager = getattr(pl_module, "embedding_manager", None)
+        return list(manager.embedding_parameters()) if manager is not None else []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._last = [p.detach().clone() for p in self._params(pl_module)]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        why = None
+        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+            why = f"the loss is {loss.detach().float().mean().item()}"
+        elif not all(bool(torch.isfinite(p.detach()).all()) for p in self._params(pl_module)):
+            why = "the learned embedding is no longer finite"
+        if why is None:
+            return
+        if self._last is not None:
+            with torch.no_grad():
+                for p, old in zip(self._params(pl_module), self._last, strict=True):
+                    p.copy_(old)
+        raise NonFiniteError(
+            f"training stopped at step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx}): "
+            f"{why}; the files of the last checkpoint are kept. Lower model.base_learning_rate "
+            "(or check the data)")
+
+
+class LatentCacheCheckpoint(pl.Callback):
+    """Carry the model's first-stage cache (`cache_first_stage`) in training checkpoints (key `latent_cache`).
+
+    Without it a run resumed mid-epoch recomputes the moments of the images in other batch groupings than
+    the uninterrupted run did, which changes their last bits, and the two runs drift apart by ~1e-8.
+    """
+
+    KEY = "latent_cache"
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        cache = getattr(pl_module, "latent_cache", None)
+        if cache is not None:
+            checkpoint[self.KEY] = cache.state_dict()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        cache = getattr(pl_module, "latent_cache", None)
+        state = checkpoint.get(self.KEY)
+        if cache is not None and state is not None:
+            cache.load_state_dict(state)

@@ -81,10 +81,35 @@ def read_file(path: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch's own messages run to pages
         raise CheckpointError(
-            f"cannot read {path} as a weights-only torch file: {e}. Only tensors, plain containers and "
-            "the globals in ldm.checkpoint.SAFE_GLOBALS are accepted."
+            f"cannot read {path} as a weights-only torch file ({reason}); it is truncated, corrupt or not a "
+            "checkpoint. Only tensors, plain containers and the globals in ldm.checkpoint.SAFE_GLOBALS are "
+            "accepted."
         ) from e
+
+
+def check_finite(tensors: Mapping[str, Any], where: str) -> None:
+    """Raise CheckpointError naming the first floating-point tensor with a NaN or an infinity."""
+    for key, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{where}: tensor '{key}' holds NaN or infinite values; refusing to use it")
+
+
+def verify_training_checkpoint(path: str | os.PathLike) -> dict:
+    """Check a Lightning training checkpoint (`last.ckpt`) before a resume trusts it: readable without running
+    code, complete (state dict, global step, loop state) and finite. Returns what it holds."""
+    obj = read_file(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a Lightning training checkpoint")
+    missing = [k for k in ("state_dict", "global_step", "loops") if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path} is not a Lightning training checkpoint (no {', '.join(missing)}); "
+                              "resume from a run's checkpoints/last.ckpt")
+    if not isinstance(obj["state_dict"], Mapping):
+        raise CheckpointError(f"{path}: its state_dict is a {type(obj['state_dict']).__name__}")
+    check_finite(obj["state_dict"], str(path))
+    return dict(obj)
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -104,6 +129,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: entries that are not tensors: {bad[:5]}")
+    check_finite(state_dict, str(path))
     return dict(state_dict), meta
 
 

@@ -102,13 +102,16 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache_first_stage", type=str2bool, nargs="?", const=True, default=None,
                    help="cache the training images' latent moments (model.params.cache_first_stage; exact; "
                         "default on for textual inversion)")
+    p.add_argument("--early_stopping", type=str2bool, nargs="?", const=True, default=False,
+                   help="stop when the loss on a fixed batch plateaus (ldm.early_stopping; its settings are "
+                        "lightning.callbacks.early_stopping.params.*)")
     for flag, kind in TRAINER_FLAGS.items():
         p.add_argument(f"--{flag}", type=kind, default=None, help=argparse.SUPPRESS)
     return p
 
 
 BOOL_FLAGS = ("-t", "--train", "--no-test", "-d", "--debug", "--scale_lr", "--datadir_in_name",
-              "--gradient_checkpointing", "--cache_first_stage")
+              "--gradient_checkpointing", "--cache_first_stage", "--early_stopping")
 _BOOL_WORDS = {"yes", "true", "t", "y", "1", "no", "false", "f", "n", "0"}
 
 
@@ -125,7 +128,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         nxt = argv[i + 1] if i + 1 < len(argv) else None
         if token in BOOL_FLAGS and nxt is not None and not nxt.startswith("-") and nxt.lower() not in _BOOL_WORDS:
             fixed.append("True")
-    return get_parser().parse_known_args(fixed)
+    from ldm.scripts_common import one_line_parser
+
+    return one_line_parser("main.py", get_parser()).parse_known_args(fixed)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,6 +236,40 @@ def timestamp() -> str:
     return stamp
 
 
+#: Environment variable carrying the log dir a launcher claimed (`claim_run_dir`) to its DDP workers.
+RUN_DIR_ENV = "TI_RUN_DIR"
+
+
+def claim_run_dir(dirs: RunDirs) -> RunDirs:
+    """Create a new run's log dir atomically; the dirs of the run to write into.
+
+    `os.mkdir` fails if the folder exists, so two runs started in the same second with the same name never
+    share one: the second gets `<name>_1` (then `_2`, ...). A DDP worker (LOCAL_RANK > 0) takes the folder its
+    launcher claimed (passed in RUN_DIR_ENV); a resumed run keeps its folder.
+    """
+    if dirs.resume_ckpt:
+        return dirs
+    inherited = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
+    if inherited:
+        logdir = inherited
+    else:
+        parent = os.path.dirname(dirs.logdir)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        for i in range(10_000):
+            logdir = dirs.logdir if i == 0 else f"{dirs.logdir}_{i}"
+            try:
+                os.mkdir(logdir)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise UsageError(f"cannot create a new log folder next to {dirs.logdir}: 10000 exist")
+        os.environ[RUN_DIR_ENV] = logdir
+    return RunDirs(logdir, os.path.basename(logdir), dirs.now, os.path.join(logdir, "checkpoints"),
+                   os.path.join(logdir, "configs"), None, [])
+
+
 def run_dirs(opt, now: str | None = None) -> RunDirs:
     """Log dir of a new run (`<datadir><now>_<name><postfix>`) or of the run being resumed."""
     now = now or timestamp()
@@ -278,8 +317,178 @@ def merge_configs(paths: list[str], dotlist: list[str]) -> DictConfig:
     bad = [t for t in dotlist if "=" not in t or t.startswith("-")]
     if bad:
         raise UsageError(f"unrecognised arguments: {' '.join(bad)} (config overrides are written key.path=value)")
-    configs = [OmegaConf.load(p) for p in paths]
-    return OmegaConf.merge(*configs, OmegaConf.from_dotlist(dotlist))
+    configs = [load_yaml(p) for p in paths]
+    try:
+        overrides = OmegaConf.from_dotlist(dotlist)
+    except Exception as e:  # omegaconf's grammar errors
+        raise UsageError(f"cannot parse the config override(s) {' '.join(dotlist)}: "
+                         f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from e
+    return OmegaConf.merge(*configs, overrides)
+
+
+def load_yaml(path: str) -> DictConfig:
+    """OmegaConf.load, a malformed file being a UsageError naming the file and the line."""
+    import yaml
+
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or (str(e).strip().splitlines() or ["invalid YAML"])[0]
+        raise UsageError(f"config file {path} is not valid YAML ({problem} at{where or ' an unknown place'}); "
+                         "fix the file") from e
+    if not isinstance(cfg, DictConfig):
+        raise UsageError(f"config file {path} holds a {type(cfg).__name__}, not a mapping of keys")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation before any work (issue 14 point 5): unknown keys, types, ranges
+# ---------------------------------------------------------------------------------------------------
+
+TOP_LEVEL_KEYS = ("model", "data", "lightning")
+# Framework classes end a **kwargs chain: whatever they would accept is not a config option of ours.
+_FRAMEWORK_MODULES = ("torch", "pytorch_lightning", "lightning", "lightning_fabric", "builtins")
+
+
+def did_you_mean(name: str, choices) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def accepted_arguments(target: str) -> set[str] | None:
+    """Keyword arguments `target` (a class or function path) accepts, following `**kwargs` passed on to base
+    classes (LatentDiffusion -> DDPM); None when it accepts anything or cannot be resolved."""
+    import inspect
+
+    try:
+        obj = get_obj_from_str(target)
+    except Exception:
+        return None
+    callables = [c.__init__ for c in obj.__mro__ if "__init__" in vars(c)] if isinstance(obj, type) else [obj]
+    owners = [c for c in obj.__mro__ if "__init__" in vars(c)] if isinstance(obj, type) else [None]
+    names: set[str] = set()
+    for fn, owner in zip(callables, owners, strict=True):
+        if owner is not None and owner.__module__.split(".")[0] in _FRAMEWORK_MODULES:
+            return names or None
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names - {"self"}
+    return None
+
+
+def check_override_keys(base: DictConfig, merged: DictConfig, dotlist: list[str]) -> None:
+    """Each `key.path=value` override must name a key the configs have, or a constructor argument of the
+    `target` whose `params` it sets; otherwise a UsageError with the closest existing name."""
+    top = set(base) | set(TOP_LEVEL_KEYS)
+    for item in dotlist:
+        key = item.split("=", 1)[0].strip()
+        parts = key.split(".")
+        if parts[0] not in top:
+            raise UsageError(f"unknown config key '{key}': no top-level section '{parts[0]}'"
+                             f"{did_you_mean(parts[0], top)}")
+        node, base_node = merged, base
+        for i, part in enumerate(parts[:-1]):
+            nxt = parts[i + 1]
+            if part == "params" and i > 0:
+                parent = OmegaConf.select(merged, ".".join(parts[:i]))
+                target = parent.get("target") if isinstance(parent, DictConfig) else None
+                if target is not None:
+                    accepted = accepted_arguments(str(target))
+                    in_yaml = isinstance(base_node, DictConfig) and nxt in base_node
+                    if accepted is not None and nxt not in accepted and not in_yaml:
+                        raise UsageError(f"unknown config key '{key}': {target} has no argument '{nxt}'"
+                                         f"{did_you_mean(nxt, accepted)}")
+            node = node.get(part) if isinstance(node, DictConfig) else None
+            base_node = base_node.get(part) if isinstance(base_node, DictConfig) else None
+            if not isinstance(node, DictConfig):
+                break
+        if parts[:2] == ["lightning", "trainer"] and len(parts) == 3:
+            import inspect
+
+            import pytorch_lightning as pl
+
+            accepted = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"} | {"gpus"}
+            if parts[2] not in accepted:
+                raise UsageError(f"unknown config key '{key}': pytorch_lightning.Trainer has no argument "
+                                 f"'{parts[2]}'{did_you_mean(parts[2], accepted)}")
+
+
+_INT_TRAINER_KEYS = {"max_steps": -1, "max_epochs": -1, "num_sanity_val_steps": -1, "log_every_n_steps": 1,
+                     "accumulate_grad_batches": 1, "check_val_every_n_epoch": 1, "num_nodes": 1}
+
+
+def _flag_or_key(name: str, flags: dict) -> str:
+    return f"--{name}" if name in flags else f"lightning.trainer.{name}"
+
+
+def check_trainer_settings(cfg: dict, flags: dict) -> None:
+    """Types and ranges of the trainer settings, the precision, and a GPU that is not there."""
+    for name, low in _INT_TRAINER_KEYS.items():
+        if cfg.get(name) is None:
+            continue
+        value = cfg[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"{_flag_or_key(name, flags)}={value!r}: expected a whole number")
+        if value < low:
+            allowed = "-1 (no limit) or >= 0" if low == -1 else f">= {low}"
+            raise UsageError(f"{_flag_or_key(name, flags)}={value}: expected {allowed}")
+    for name in ("gradient_clip_val", "val_check_interval", "limit_val_batches"):
+        value = cfg.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise UsageError(f"{_flag_or_key(name, flags)}={value!r}: expected a number >= 0")
+    precision = cfg.get("precision")
+    if precision is not None:
+        import typing
+
+        from lightning_fabric.connector import _PRECISION_INPUT
+
+        allowed = [a for group in typing.get_args(_PRECISION_INPUT) for a in typing.get_args(group)]
+        if precision not in allowed and str(precision) not in [str(a) for a in allowed]:
+            raise UsageError(f"{_flag_or_key('precision', flags)}={precision!r}: not a precision Lightning knows; "
+                             f"use one of 32-true, 16-mixed, bf16-mixed, 64-true")
+    accelerator = str(cfg.get("accelerator", "cpu")).lower()
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            given = f"--gpus {flags['gpus']}" if "gpus" in flags else f"accelerator={accelerator}"
+            raise UsageError(f"{given}: no CUDA GPU is available on this machine (torch.cuda.is_available() is "
+                             "False); to train on the CPU leave out --gpus (or pass --accelerator cpu)")
+
+
+def check_number(value, where: str, *, minimum=None, integer=False, positive=False) -> None:
+    """A config value that must be a finite number (a whole one if `integer`), >= minimum / > 0."""
+    import math
+
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if integer:
+        ok = ok and isinstance(value, int)
+    if not ok:
+        kind = "a whole number" if integer else "a finite number"
+        raise UsageError(f"{where}={value!r}: expected {kind}")
+    if positive and value <= 0:
+        raise UsageError(f"{where}={value}: expected a number > 0")
+    if minimum is not None and value < minimum:
+        raise UsageError(f"{where}={value}: expected >= {minimum}")
+
+
+def check_writable_dir(path: str, what: str) -> None:
+    """`path` is, or can be created as, a folder: neither it nor a parent is a file."""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                detail = "is a file" if q == p else f"is under {q}, which is a file"
+                raise UsageError(f"{what} {path} {detail}; give a folder")
+            return
 
 
 def is_diffusion_model(model_config: DictConfig) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import random
 import re
@@ -29,6 +30,8 @@ from ldm.loading import load_model
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.scripts_common import default_device
+
+logger = logging.getLogger(__name__)
 
 
 def build_parser(description: str, defaults: dict) -> argparse.ArgumentParser:
@@ -75,8 +78,69 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_*@.-]+", "-", text).strip("-")[:128].replace("*", "star") or "grid"
 
 
+def check_flags(opt) -> None:
+    """The sampling flags, checked before the model is loaded: a ValueError naming the flag and the fix."""
+    import math
+
+    for flag, low in (("n_samples", 1), ("n_iter", 1), ("ddim_steps", 1), ("C", 1), ("f", 1), ("n_rows", 0)):
+        if getattr(opt, flag) < low:
+            raise ValueError(f"--{flag} {getattr(opt, flag)}: expected a whole number >= {low}")
+    if opt.ddim_steps > 1000:
+        raise ValueError(f"--ddim_steps {opt.ddim_steps}: more than the model's 1000 diffusion steps; use 1..1000 "
+                         "(50-200 is usual)")
+    for flag in ("H", "W"):
+        value = getattr(opt, flag)
+        if value < 8 or value % 8 or value % opt.f:
+            raise ValueError(f"--{flag} {value}: expected a positive multiple of 8 (and of --f {opt.f}), e.g. "
+                             f"{max(8, (value // 8) * 8)}")
+    for flag in ("scale", "ddim_eta"):
+        if not math.isfinite(getattr(opt, flag)):
+            raise ValueError(f"--{flag} {getattr(opt, flag)}: expected a finite number")
+    if opt.ddim_eta < 0:
+        raise ValueError(f"--ddim_eta {opt.ddim_eta}: expected a number >= 0 (0 is deterministic DDIM)")
+    if opt.plms and opt.ddim_eta != 0:
+        raise ValueError(f"--plms with --ddim_eta {opt.ddim_eta}: PLMS is deterministic; leave out --ddim_eta")
+    for flag in ("prompt",):
+        if not opt.from_file and not (getattr(opt, flag) or "").strip():
+            raise ValueError("--prompt is empty; give a prompt, e.g. --prompt 'a photo of *'")
+    if opt.from_file:
+        path = Path(opt.from_file)
+        if not path.is_file():
+            raise ValueError(f"--from-file {opt.from_file}: no such file")
+        if not any(line.strip() for line in path.read_text().splitlines()):
+            raise ValueError(f"--from-file {opt.from_file}: the file holds no prompt")
+    out = Path(opt.outdir)
+    for q in (out, *out.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise ValueError(f"--outdir {opt.outdir}: {q} is a file; give a folder")
+            break
+    for flag in ("config", "ckpt", "start_code"):
+        value = getattr(opt, flag, None)
+        if value and not Path(value).is_file():
+            name = {"ckpt": "checkpoint", "config": "config", "start_code": "--start_code"}[flag]
+            raise ValueError(f"{name} file not found: {value}")
+
+
+def check_embeddings(opt, prompts: list[str]) -> list[str]:
+    """Read the --embedding_path files before the model (a NaN or broken file is refused here) and warn when
+    no prompt uses any of their placeholders; returns the placeholders."""
+    from ldm.modules.embedding_formats import read_embeddings
+
+    placeholders: list[str] = []
+    for path in opt.embedding_path or []:
+        placeholders += list(read_embeddings(path).vectors)
+    if placeholders and not any(p in prompt for p in placeholders for prompt in prompts):
+        logger.warning("warning: no prompt contains the loaded placeholder(s) %s (the prompt is %r): the learned "
+                       "word is unused; write it into the prompt, e.g. 'a photo of %s'", placeholders,
+                       prompts[0], placeholders[0])
+    return placeholders
+
+
 def run(opt, overrides: list[str]) -> list[Path]:
     """Generate; returns the paths written."""
+    check_flags(opt)
+    check_embeddings(opt, [p for b in read_prompts(opt) for p in b])
     device = torch.device(opt.device)  # chosen by the script (scripts_common.default_device)
     seed = opt.seed if opt.seed is not None else random.SystemRandom().randrange(2**31)
     model = load_model(opt.config, opt.ckpt, overrides=overrides, tokenizer_path=opt.tokenizer_path, device=device)
@@ -86,6 +150,9 @@ def run(opt, overrides: list[str]) -> list[Path]:
             raise ValueError(f"{opt.config} has no personalization_config: it cannot use --embedding_path")
         model.embedding_manager.load_files(opt.embedding_path)
         embeddings = list(opt.embedding_path)
+    steps = int(getattr(model, "num_timesteps", 1000))
+    if opt.ddim_steps > steps:
+        raise ValueError(f"--ddim_steps {opt.ddim_steps}: more than the model's {steps} diffusion steps")
     sampler = (PLMSSampler if opt.plms else DDIMSampler)(model)
     batches = read_prompts(opt)
     shape = (opt.C, opt.H // opt.f, opt.W // opt.f)

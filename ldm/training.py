@@ -27,10 +27,17 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.callbacks import FiniteGuard, LatentCacheCheckpoint, NonFiniteError, TrainProgress
+from ldm.checkpoint import verify_training_checkpoint
 from ldm.cli import (
     RunDirs,
     UsageError,
     apply_overrides,
+    check_number,
+    check_override_keys,
+    check_trainer_settings,
+    check_writable_dir,
+    claim_run_dir,
     count_devices,
     learning_rate,
     merge_configs,
@@ -42,6 +49,8 @@ from ldm.data.personalized import is_personalized
 from ldm.util import get_obj_from_str, instantiate_from_config
 
 logger = logging.getLogger(__name__)
+
+EARLY_STOPPING = "ldm.early_stopping.ObjectiveEarlyStopping"
 
 
 @dataclass
@@ -78,6 +87,7 @@ class TrainOptions:
     gradient_checkpointing: bool | None = None
     frozen_weights: str | None = None
     cache_first_stage: bool | None = None
+    early_stopping: bool = False
     project: str | None = None  # accepted for command-line compatibility; unused, as in the reference
 
     @classmethod
@@ -147,17 +157,31 @@ def train(base: str | Sequence[str] = (), **options: Any) -> Run:
 
 def prepare(opts: TrainOptions) -> TrainingJob:
     """Everything before training; raises one of USER_ERRORS before anything is written."""
+    if opts.placeholder_string is not None and not opts.placeholder_string.strip():
+        raise UsageError("--placeholder_string is empty; give the word to learn, e.g. --placeholder_string '*'")
+    if opts.init_word is not None and not opts.init_word.strip():
+        raise UsageError("--init_word is empty; give a one-token word, e.g. --init_word sculpture")
+    check_writable_dir(opts.logdir, "--logdir")
     dirs = run_dirs(opts)
+    if dirs.resume_ckpt:  # before anything trusts it: a truncated or foreign last.ckpt is a one-line error
+        verify_training_checkpoint(dirs.resume_ckpt)
     pl.seed_everything(opts.seed, workers=True)
-    config = merge_configs(dirs.resume_configs + list(opts.base), list(opts.overrides))
+    paths = dirs.resume_configs + list(opts.base)
+    config = merge_configs(paths, list(opts.overrides))
+    check_override_keys(merge_configs(paths, []), config, list(opts.overrides))
     if "model" not in config:
         raise UsageError(f"no 'model' section in {' + '.join(opts.base) or 'the configs'}")
     inverting = "personalization_config" in (config.model.get("params") or {})
     if opts.train and inverting and not dirs.resume_ckpt and not opts.actual_resume:
         raise UsageError("--actual_resume is required: the pretrained model checkpoint to invert against")
     lightning_config = config.pop("lightning", None) or OmegaConf.create()
+    if opts.early_stopping:  # the callback with its defaults, unless the config already configures it
+        lightning_config = OmegaConf.merge({"callbacks": {"early_stopping": {"target": EARLY_STOPPING}}},
+                                           lightning_config)
     trainer_cfg = trainer_settings(dict(lightning_config.get("trainer", None) or {}), opts.trainer)
+    check_trainer_settings(trainer_cfg, opts.trainer)
     apply_overrides(config, opts)
+    check_training_values(config, opts)
     if opts.actual_resume:
         config.model.params.ckpt_path = opts.actual_resume
     if "data" in config:
@@ -171,17 +195,50 @@ def prepare(opts: TrainOptions) -> TrainingJob:
     return TrainingJob(dirs, config, lightning_config, trainer_cfg, data, model)
 
 
+def check_training_values(config: DictConfig, opts: TrainOptions) -> None:
+    """Values a run cannot mean: a learning rate or batch size that is not a positive number, an embedding
+    file for another placeholder than the config trains."""
+    if "base_learning_rate" in config.model:
+        check_number(config.model.base_learning_rate, "model.base_learning_rate", positive=True)
+    if "data" in config and "batch_size" in (config.data.get("params") or {}):
+        check_number(config.data.params.batch_size, "data.params.batch_size", integer=True, minimum=1)
+    personalization = config.model.get("params", {}).get("personalization_config")
+    if opts.embedding_manager_ckpt and personalization is not None:
+        from ldm.modules.embedding_formats import read_embeddings
+
+        held = sorted(read_embeddings(opts.embedding_manager_ckpt).vectors)
+        wanted = sorted(personalization.params.get("placeholder_strings") or [])
+        if held != wanted:
+            raise UsageError(f"--embedding_manager_ckpt {opts.embedding_manager_ckpt} holds placeholder(s) {held}, "
+                             f"the config trains {wanted}; pass --placeholder_string {held[0]!r} to continue it"
+                             if len(held) == 1 else
+                             f"--embedding_manager_ckpt {opts.embedding_manager_ckpt} holds placeholder(s) {held}, "
+                             f"the config trains {wanted}")
+
+
 def fit(job: TrainingJob, opts: TrainOptions) -> Run:
-    """Train (and test) a prepared run."""
-    dirs, model, data = job.dirs, job.model, job.data
+    """Train (and test) a prepared run.
+
+    A new run's log folder is created here, atomically (`claim_run_dir`: `<name>_1` if another run took the
+    name in the same second). The emergency save on an exception (and on SIGUSR1) only happens once the run
+    has trained past the step it started or resumed at, and never after a non-finite step (`FiniteGuard`).
+    """
+    model, data = job.model, job.data
+    dirs = job.dirs = claim_run_dir(job.dirs)
+    progress = TrainProgress()
     callbacks = build_callbacks(dirs, job.config, job.lightning_config, model, opts.seed)
-    trainer = pl.Trainer(**job.trainer_cfg, logger=build_loggers(dirs, job.lightning_config), callbacks=callbacks,
+    callbacks += [progress, FiniteGuard(), LatentCacheCheckpoint()]
+    trainer_cfg = dict(job.trainer_cfg)
+    trainer_cfg.setdefault("plugins", [AtomicCheckpointIO()])
+    trainer = pl.Trainer(**trainer_cfg, logger=build_loggers(dirs, job.lightning_config), callbacks=callbacks,
                          default_root_dir=dirs.logdir, use_distributed_sampler=False)
     trainer.logdir = dirs.logdir
     if data is not None:
         set_learning_rate(model, job.config, job.trainer_cfg, opts.scale_lr)
 
     def melk(*args):
+        if not progress.trained(trainer):
+            return
         if trainer.is_global_zero:
             print("Summoning checkpoint.")
         save_last(trainer, dirs)
@@ -193,6 +250,8 @@ def fit(job: TrainingJob, opts: TrainOptions) -> Run:
     if opts.train:
         try:
             trainer.fit(model, data, ckpt_path=dirs.resume_ckpt, weights_only=True)
+        except NonFiniteError:
+            raise  # nothing non-finite is saved: the last checkpoint's files stay
         except Exception:
             melk()
             raise
@@ -282,6 +341,17 @@ def set_learning_rate(model, config: DictConfig, trainer_cfg: dict, scale: bool)
                             count_devices(trainer_cfg), accumulate, scale)
     model.learning_rate = lr
     pl.utilities.rank_zero_info(msg)
+
+
+class AtomicCheckpointIO(pl.plugins.TorchCheckpointIO):
+    """Lightning's torch checkpoint writer, but through a temporary file renamed into place: a process killed
+    while saving leaves the previous `last.ckpt` whole instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        from ldm.util import atomic_write
+
+        atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp,
+                                                                                        storage_options))
 
 
 def save_last(trainer: pl.Trainer, dirs: RunDirs) -> None:

@@ -35,12 +35,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from ldm.scripts_common import one_line_parser  # noqa: E402
+
 SWITCHES = ("reference", "cache", "sdpa", "ckpt", "cl", "compile", "bf16w")
 PHASES = ("first_stage", "conditioning", "unet_forward", "backward", "optimizer")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = one_line_parser("benchmark.py", argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--config", required=True)
     p.add_argument("--res", type=int, default=256, help="training image size in pixels")
     p.add_argument("--batch", type=int, nargs="+", default=[1])

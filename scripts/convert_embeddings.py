@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.modules.embedding_formats import FORMATS, EmbeddingSet, read_embeddings, write_format  # noqa: E402
 from ldm.modules.embedding_manager import token_function  # noqa: E402
-from ldm.scripts_common import run_script  # noqa: E402
+from ldm.scripts_common import check_output_path, run_script  # noqa: E402
 
 
 def parser():
@@ -33,6 +33,10 @@ def parser():
 def convert(opt, overrides):
     if overrides:
         raise ValueError(f"unexpected arguments: {overrides}")
+    if opt.placeholder is not None and (not opt.placeholder.strip() or len(opt.placeholder.split()) != 1):
+        raise ValueError(f"--placeholder {opt.placeholder!r}: a placeholder is one word without spaces "
+                         "(it becomes one token), e.g. --placeholder '*'")
+    check_output_path(opt.output, [opt.input], "output")
     emb = read_embeddings(opt.input)
     if opt.placeholder:
         if len(emb.vectors) != 1:
@@ -48,5 +52,9 @@ def convert(opt, overrides):
           ", ".join(f"'{p}' {tuple(v.shape)}" for p, v in emb.vectors.items()))
 
 
+def main(argv=None) -> int:
+    return run_script("convert_embeddings.py", parser(), convert, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_script("convert_embeddings.py", parser(), convert))
+    sys.exit(main())

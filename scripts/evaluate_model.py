@@ -95,7 +95,28 @@ def append_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def check_flags(opt) -> None:
+    """Flags checked before the model loads: a ValueError naming the flag."""
+    import math
+
+    for flag in ("n_samples", "ddim_steps", "batch_size", "image_size", "coverage_samples"):
+        if getattr(opt, flag) < 1:
+            raise ValueError(f"--{flag} {getattr(opt, flag)}: expected a whole number >= 1")
+    if opt.ddim_steps > 1000:
+        raise ValueError(f"--ddim_steps {opt.ddim_steps}: more than the model's 1000 diffusion steps")
+    if not math.isfinite(opt.scale):
+        raise ValueError(f"--scale {opt.scale}: expected a finite number")
+    if not Path(opt.data_dir).is_dir():
+        raise ValueError(f"--data_dir {opt.data_dir}: no such folder")
+    for q in (Path(opt.out_dir), *Path(opt.out_dir).parents):
+        if q.exists():
+            if not q.is_dir():
+                raise ValueError(f"--out_dir {opt.out_dir}: {q} is a file; give a folder")
+            break
+
+
 def evaluate(opt, overrides: list[str]) -> dict:
+    check_flags(opt)
     device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seed = opt.seed if opt.seed is not None else random.SystemRandom().randrange(2**31)
     model = load_model(opt.config, opt.ckpt_path, overrides=overrides, tokenizer_path=opt.tokenizer_path,

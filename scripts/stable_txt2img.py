@@ -38,5 +38,9 @@ def run_laion_aware(opt, overrides):
     return run(opt, overrides)
 
 
+def main(argv=None) -> int:
+    return run_script("stable_txt2img.py", parser(), run_laion_aware, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_script("stable_txt2img.py", parser(), run_laion_aware))
+    sys.exit(main())

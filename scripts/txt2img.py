@@ -21,5 +21,9 @@ DEFAULTS = {
     "ckpt_flag": "--ckpt_path", "ckpt": "models/ldm/text2img-large/model.ckpt", "seed": None, "precision": "full",
 }
 
+def main(argv=None) -> int:
+    return run_script("txt2img.py", build_parser(__doc__.splitlines()[0], DEFAULTS), run, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_script("txt2img.py", build_parser(__doc__.splitlines()[0], DEFAULTS), run))
+    sys.exit(main())

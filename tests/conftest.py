@@ -164,3 +164,25 @@ def tiny_clip_model(seed: int = 0):
                         vision_config=dict(image_size=32, patch_size=8, **common), projection_dim=16,
                         initializer_factor=5.0)
     return CLIPModel(config).eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tiny LDM-style training setup of the main.py tests (tests/test_main.py: args, train, FAST)
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(config path, base checkpoint, base state dict, image folder) for the tiny LDM-style model."""
+    root = tmp_path_factory.mktemp("tiny")
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    cfg = parity_config("ldm_tiny")
+    # the fixture's weights: random everywhere (a freshly initialised UNet zero-inits its attention output
+    # projections, so the text, and with it the embedding, would get no gradient)
+    sd = load_file(str(parity_weights("ldm_tiny")))
+    base = {k: v for k, v in sd.items() if not k.startswith("embedding_manager.")}
+    torch.save({"state_dict": base}, root / "base.ckpt")
+    OmegaConf.save(cfg, root / "tiny.yaml")
+    return root / "tiny.yaml", root / "base.ckpt", base, fixture_path("parity", "ldm_tiny", "data_images")

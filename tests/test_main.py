@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, fixture_path, parity_config, parity_weights
+from conftest import REPO
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 import main as train_main
 from ldm.cli import TRAINER_FLAGS, get_parser
@@ -30,20 +29,6 @@ FAST = [  # keep a 20-step CPU run to a few seconds
     "lightning.callbacks.image_logger.params.increase_log_steps=False",
     "lightning.callbacks.image_logger.params.log_images_kwargs.ddim_steps=2",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(config path, base checkpoint, base state dict, image folder) for the tiny LDM-style model."""
-    root = tmp_path_factory.mktemp("tiny")
-    cfg = parity_config("ldm_tiny")
-    # the fixture's weights: random everywhere (a freshly initialised UNet zero-inits its attention output
-    # projections, so the text, and with it the embedding, would get no gradient)
-    sd = load_file(str(parity_weights("ldm_tiny")))
-    base = {k: v for k, v in sd.items() if not k.startswith("embedding_manager.")}
-    torch.save({"state_dict": base}, root / "base.ckpt")
-    OmegaConf.save(cfg, root / "tiny.yaml")
-    return root / "tiny.yaml", root / "base.ckpt", base, fixture_path("parity", "ldm_tiny", "data_images")
 
 
 def args(tiny, logdir, *extra, steps=20, name="run"):
@@ -103,6 +88,31 @@ def test_resume_is_exact(tiny, tmp_path):
     halfway = read_embeddings(Path(first.logdir) / "checkpoints" / "embeddings_gs-10.pt").vectors["*"]
     assert (a - halfway).abs().max().item() > 0.02  # the second half of training changed the embedding
     assert (Path(first.logdir) / "checkpoints" / "embeddings_gs-20.pt").is_file()
+
+
+def test_progressive_resume_is_exact(tiny, tmp_path, monkeypatch):
+    """progressive_words: the forward-call counter travels in the checkpoint, so a run resumed at step 10
+    adds its vectors on the same calls as an uninterrupted run and ends bitwise equal to it (the reference
+    restarted the count; docs/DIFFERENCES.md#progressive-counter-resumed)."""
+    import ldm.modules.embedding_manager as em
+    from ldm.models.diffusion.textual_inversion import PROGRESSIVE_COUNTER_KEY
+
+    monkeypatch.setattr(em, "PROGRESSIVE_SCALE", 16)  # one more vector every 16 forward calls (not 2,000)
+    # The first-stage cache is off so that this test isolates the counter (the cache's own round trip through
+    # checkpoints is test_resume_is_exact's business).
+    prog = ["--cache_first_stage", "false", "model.params.personalization_config.params.num_vectors_per_token=3",
+            "model.params.personalization_config.params.progressive_words=True"]
+    straight = train(args(tiny, tmp_path / "a", *prog, steps=20))
+    first = train(args(tiny, tmp_path / "b", *prog, steps=10))
+    saved = torch.load(first.last_ckpt, map_location="cpu", weights_only=True)[PROGRESSIVE_COUNTER_KEY]
+    assert 16 <= saved < 32  # two vectors in use when the first half stopped
+    resumed = train(["--resume", str(first.logdir), "--max_steps", "20", "--no-test", "-t", *prog, *FAST])
+    assert resumed.global_step == 20
+    counter = straight.model.embedding_manager.progressive_counter
+    assert counter >= 32 and resumed.model.embedding_manager.progressive_counter == counter  # three at the end
+    a = read_embeddings(straight.embeddings).vectors["*"]
+    b = read_embeddings(resumed.embeddings).vectors["*"]
+    assert a.shape == (3, 16) and torch.equal(a, b)
 
 
 def test_placeholder_string_reaches_model_and_captions(tiny, tmp_path):

@@ -88,10 +88,22 @@ def list_image_files(data_root: str | os.PathLike) -> list[str]:
     return [os.path.join(root, name) for name in names]
 
 
-def check_images(paths: Sequence[str], exif_transpose: bool = True, alpha: str = "drop") -> None:
-    """Decode every image once through `load_rgb`; the first failure raises ValueError naming the file."""
+#: An image whose smaller side is below `size / UPSCALE_WARNING` gets a warning when listed (it will be blown up).
+UPSCALE_WARNING = 4
+
+
+def check_images(paths: Sequence[str], exif_transpose: bool = True, alpha: str = "drop",
+                 size: int | None = None) -> None:
+    """Decode every image once through `load_rgb`; the first failure raises ValueError naming the file.
+
+    With `size` (the training resolution), an image more than UPSCALE_WARNING times smaller gets a warning.
+    Images above Pillow's `Image.MAX_IMAGE_PIXELS` (decompression-bomb limit) are refused by `load_rgb`.
+    """
     for path in paths:
-        load_rgb(path, exif_transpose=exif_transpose, alpha=alpha)
+        image = load_rgb(path, exif_transpose=exif_transpose, alpha=alpha)
+        if size and min(image.size) * UPSCALE_WARNING < size:
+            logger.warning("warning: image %s is only %dx%d pixels; it is upscaled to %dx%d for training, "
+                           "which blurs it (use a larger image)", path, *image.size, size, size)
 
 
 def load_rgb(path: str, exif_transpose: bool = True, alpha: str = "drop") -> Image.Image:
@@ -103,13 +115,39 @@ def load_rgb(path: str, exif_transpose: bool = True, alpha: str = "drop") -> Ima
     if alpha not in ALPHA_MODES:
         raise ValueError(f"alpha={alpha!r} is not supported; choose one of {list(ALPHA_MODES)}")
     try:
+        return _decode(path, exif_transpose, alpha, truncated=False)
+    except OSError as e:
+        if "truncated" not in str(e):  # partly decodable (a cut-off or damaged JPEG): the rest is filled in
+            raise ValueError(f"cannot read image {path}: {e}") from e
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    try:
+        image = _decode(path, exif_transpose, alpha, truncated=True)
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    if path not in _WARNED_TRUNCATED:
+        _WARNED_TRUNCATED.add(path)
+        logger.warning("warning: image %s is truncated or damaged; only part of it decodes and the rest is "
+                       "filled in (replace the file)", path)
+    return image
+
+
+_WARNED_TRUNCATED: set[str] = set()
+
+
+def _decode(path: str, exif_transpose: bool, alpha: str, truncated: bool) -> Image.Image:
+    from PIL import ImageFile
+
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = truncated
+    try:
         with Image.open(path) as image:
             image.load()
             if exif_transpose:
                 image = ImageOps.exif_transpose(image)
             return to_rgb(image, alpha=alpha)
-    except _DECODE_ERRORS as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def to_rgb(image: Image.Image, alpha: str = "drop") -> Image.Image:

@@ -257,7 +257,7 @@ class PersonalizedBase(Dataset):
                 f"images and per_img_token_list has {len(per_img_token_list)} tokens; use at most "
                 f"{len(per_img_token_list)} images or add tokens to ldm/data/placeholder_tokens.py"
             )
-        check_images(self.image_paths, exif_transpose=exif_transpose, alpha=alpha)
+        check_images(self.image_paths, exif_transpose=exif_transpose, alpha=alpha, size=size)
 
         self.set = set
         self._length = self.num_images * repeats if set == "train" else self.num_images

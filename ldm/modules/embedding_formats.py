@@ -58,6 +58,8 @@ def _as_vectors(value, where: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.ndim not in (1, 2) or not value.is_floating_point():
         raise EmbeddingFormatError(f"{where}: expected a float tensor [k, d] or [d]")
     value = value.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(value).all()):
+        raise EmbeddingFormatError(f"{where}: holds NaN or infinite values (a diverged run?); refusing to use it")
     return value[None] if value.ndim == 1 else value
 
 

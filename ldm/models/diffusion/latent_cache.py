@@ -51,3 +51,15 @@ class LatentCache:
             self._store.move_to_end(k)
             out.append(self._store[k])
         return torch.stack(out).to(images.device)
+
+    def state_dict(self) -> dict:
+        """The cached moments, in LRU order (keys as hex strings), for a training checkpoint."""
+        keys = list(self._store)
+        return {"keys": [k.hex() for k in keys],
+                "moments": torch.stack([self._store[k].cpu() for k in keys]) if keys else torch.empty(0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`: a run resumed mid-epoch reuses the moments the interrupted run computed
+        (recomputing them would batch the images differently, and a CPU convolution's last bits can depend
+        on the batch), so it replays the uninterrupted run bitwise."""
+        self._store = OrderedDict((bytes.fromhex(k), m) for k, m in zip(state["keys"], state["moments"], strict=True))
