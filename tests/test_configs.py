@@ -12,6 +12,7 @@ from ldm.util import get_obj_from_str, instantiate_from_config
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
 #: Partial configs merged on top of a base (`--base base.yaml overlay.yaml`), tested merged.
 OVERLAYS = {f"configs/toy/ldm_stage{k}.yaml": "configs/toy/ldm.yaml" for k in (1, 2)}
+OVERLAYS["configs/recipes/fast.yaml"] = "configs/latent-diffusion/txt2img-1p4B-finetune.yaml"  # any base fits
 
 TINY_UNET = {"model_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [1], "num_res_blocks": 1,
              "num_heads": 2, "context_dim": 16}
@@ -87,8 +88,11 @@ def test_builds_with_tiny_overrides(path):
     if model.embedding_manager is not None:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         frozen_only = not cfg.model.params.get("unfreeze_model", False)
-        assert ("embedding_manager.string_to_param_dict.*" in trainable)
-        assert (trainable == {"embedding_manager.string_to_param_dict.*"}) == frozen_only
+        if cfg.model.params.get("freeze_embedding", False):  # pivotal tuning, stage 2: the UNet alone
+            assert trainable == {n for n, _ in model.model.named_parameters(prefix="model")}
+        else:
+            assert ("embedding_manager.string_to_param_dict.*" in trainable)
+            assert (trainable == {"embedding_manager.string_to_param_dict.*"}) == frozen_only
     if "data" in cfg:
         personalized = "personalized" in cfg.data.params.train.target
         if personalized:
