@@ -170,6 +170,7 @@ def test_summary_targets_and_ratios():
                     "concept_rate_at_stop_ci": [0.0, 1.0], "joint_rate_at_stop_ci": [0.0, 1.0]}
 
 
+@pytest.mark.slow
 def test_time_to_quality_benchmark_tiny(tmp_path):
     """The benchmark end to end on the bundled toy model: 1 recipe, 1 seed, 4 steps, 2 snapshots + the start."""
     from conftest import load_script
