@@ -150,7 +150,6 @@ def run(opt, overrides):
         torch.set_num_threads(opt.threads)
     out = Path(opt.out)
     records = {(r, c, s): run_inversion(opt, r, c, s) for r in opt.recipes for c in opt.concepts for s in opt.seeds}
-    torch.set_grad_enabled(False)
     model = load_model(opt.config, opt.ckpt, attention="sdpa",
                        overrides=[f"model.params.personalization_config.params.initializer_words=[{opt.init_word}]"])
     initial = {k: v.detach().clone() for k, v in model.embedding_manager.string_to_param_dict.items()}
