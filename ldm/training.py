@@ -46,7 +46,8 @@ from ldm.cli import (
 )
 from ldm.data.datamodule import DataModuleFromConfig
 from ldm.data.personalized import is_personalized
-from ldm.util import get_obj_from_str, instantiate_from_config
+from ldm.modules.embedding_formats import read_embeddings
+from ldm.util import atomic_write, get_obj_from_str, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -204,8 +205,6 @@ def check_training_values(config: DictConfig, opts: TrainOptions) -> None:
         check_number(config.data.params.batch_size, "data.params.batch_size", integer=True, minimum=1)
     personalization = config.model.get("params", {}).get("personalization_config")
     if opts.embedding_manager_ckpt and personalization is not None:
-        from ldm.modules.embedding_formats import read_embeddings
-
         held = sorted(read_embeddings(opts.embedding_manager_ckpt).vectors)
         wanted = sorted(personalization.params.get("placeholder_strings") or [])
         if held != wanted:
@@ -348,8 +347,6 @@ class AtomicCheckpointIO(pl.plugins.TorchCheckpointIO):
     while saving leaves the previous `last.ckpt` whole instead of a truncated one."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        from ldm.util import atomic_write
-
         atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp,
                                                                                         storage_options))
 

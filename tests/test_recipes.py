@@ -1,6 +1,7 @@
 """Stop-when-learned and the faster recipes: the LR schedule, the fixed-batch early-stopping rule, the
 embedding average, the training clock, and the time-to-quality definitions (tiny configs)."""
 
+import csv
 import json
 import math
 
@@ -46,7 +47,7 @@ def test_scheduler_config_drives_the_embedding_learning_rate(tiny, tmp_path):
     base = run.model.learning_rate
     # after 6 optimizer steps the multiplier is the schedule's value at step 6 = max_steps: the floor
     assert scheduler.scheduler.get_last_lr()[0] == pytest.approx(base * 0.25)
-    lrs = [float(r["lr-AdamW"]) for r in __import__("csv").DictReader(open(run.logdir / "csv" / "version_0" /
+    lrs = [float(r["lr-AdamW"]) for r in csv.DictReader(open(run.logdir / "csv" / "version_0" /
                                                                            "metrics.csv")) if r.get("lr-AdamW")]
     assert lrs[0] == pytest.approx(base * 0.5) and max(lrs) == pytest.approx(base * 2.0)
 
@@ -180,7 +181,7 @@ def test_time_to_quality_benchmark_tiny(tmp_path):
     argv = ["--recipes", "baseline", "--concepts", "ring", "--seeds", "0", "--steps", "4", "--every", "2",
             "--samples", "4", "--ddim_steps", "2", "--out", str(out)]
     assert script.run_script("time_to_quality.py", script.parser(), script.run, argv) == 0
-    rows = list(__import__("csv").DictReader(open(out / "snapshots.csv")))
+    rows = list(csv.DictReader(open(out / "snapshots.csv")))
     assert [int(r["step"]) for r in rows] == [0, 2, 4]
     assert float(rows[0]["seconds"]) == 0.0 and float(rows[2]["seconds"]) > float(rows[1]["seconds"]) > 0
     summary = json.loads((out / "summary.json").read_text())
