@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.data.personalized import is_personalized
-from ldm.loading import set_model_options, set_tokenizer_path
+from ldm.loading import LEAN_OPTIONS, MODEL_OPTIONS, set_model_options, set_tokenizer_path
 from ldm.models.diffusion.ddpm import DDPM
 from ldm.util import get_obj_from_str
 
@@ -96,12 +96,15 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient_checkpointing", type=str2bool, nargs="?", const=True, default=None,
                    help="recompute UNet activations in backward (model.params.gradient_checkpointing; less "
                         "memory, same numbers, slower; default off)")
-    p.add_argument("--frozen_weights", choices=["fp32", "bf16"], default=None,
+    p.add_argument("--frozen_weights", choices=["fp32", "fp16", "bf16"], default=None,
                    help="storage of the frozen weights (model.params.frozen_weights): fp32 (default, faithful) "
-                        "or bf16 (half the memory, fp32 compute, weights rounded)")
+                        "fp16 or bf16 (half the memory, fp32 compute, weights rounded; fp16 rounds less)")
     p.add_argument("--cache_first_stage", type=str2bool, nargs="?", const=True, default=None,
                    help="cache the training images' latent moments (model.params.cache_first_stage; exact; "
                         "default on for textual inversion)")
+    p.add_argument("--lean", type=str2bool, nargs="?", const=True, default=False,
+                   help="the low-memory preset (ldm.loading.LEAN_OPTIONS) for the speed options not given: "
+                        "frozen weights stored in fp16 and the autoencoder's unused halves freed")
     p.add_argument("--early_stopping", type=str2bool, nargs="?", const=True, default=False,
                    help="stop when the loss on a fixed batch plateaus (ldm.early_stopping; its settings are "
                         "lightning.callbacks.early_stopping.params.*)")
@@ -497,6 +500,14 @@ def is_diffusion_model(model_config: DictConfig) -> bool:
     return isinstance(cls, type) and issubclass(cls, DDPM)
 
 
+def speed_options(model_params: DictConfig, given: dict[str, Any], lean: bool = False) -> dict[str, Any]:
+    """The model options a training run uses: the `given` ones, then (with `lean`) `LEAN_OPTIONS` for the
+    rest, and `attention` "sdpa" unless given or set in the config. The others are left to the config."""
+    options = {**(LEAN_OPTIONS if lean else {}), **given}
+    options.setdefault("attention", model_params.get("attention") or "sdpa")
+    return options
+
+
 def apply_overrides(config: DictConfig, opt) -> None:
     """The command-line options (`main.py`'s flags or `TrainOptions`), written into the config in one place.
 
@@ -520,14 +531,12 @@ def apply_overrides(config: DictConfig, opt) -> None:
     elif opt.placeholder_string or opt.init_word or opt.embedding_manager_ckpt:
         raise UsageError("--placeholder_string/--init_word/--embedding_manager_ckpt need a "
                          "config with model.params.personalization_config")
-    speed = {"attention": opt.attention, "gradient_checkpointing": opt.gradient_checkpointing,
-             "frozen_weights": opt.frozen_weights, "cache_first_stage": opt.cache_first_stage}
+    given = {k: getattr(opt, k) for k in MODEL_OPTIONS if getattr(opt, k, None) is not None}
     if is_diffusion_model(config.model):
-        speed["attention"] = opt.attention or model_params.get("attention") or "sdpa"
-        set_model_options(model_params, **speed)
-    elif any(v is not None for v in speed.values()):
-        given = ", ".join(f"--{k}" for k, v in speed.items() if v is not None)
-        raise UsageError(f"{given}: options of diffusion models; model.target is {config.model.get('target')}")
+        set_model_options(model_params, **speed_options(model_params, given, lean=opt.lean))
+    elif given or opt.lean:
+        flags = ", ".join(f"--{k}" for k in [*given, *(["lean"] if opt.lean else [])])
+        raise UsageError(f"{flags}: options of diffusion models; model.target is {config.model.get('target')}")
     set_tokenizer_path(model_params, opt.tokenizer_path)
     explicit = {item.split("=", 1)[0] for item in getattr(opt, "overrides", ())}
     data = config.get("data")

@@ -62,7 +62,7 @@ class TrainOptions:
     `gpus`, `precision`, ...), which win over `lightning.trainer` in the YAML. The speed options
     `attention`, `gradient_checkpointing`, `frozen_weights` and `cache_first_stage` are model options
     (`model.params.*`); None keeps the config's value, except `attention`, which is "sdpa" unless the
-    config sets it.
+    config sets it. `lean` fills the ones left None from `ldm.loading.LEAN_OPTIONS` (the low-memory preset).
     """
 
     base: list[str] = field(default_factory=list)
@@ -88,6 +88,7 @@ class TrainOptions:
     gradient_checkpointing: bool | None = None
     frozen_weights: str | None = None
     cache_first_stage: bool | None = None
+    lean: bool = False
     early_stopping: bool = False
     project: str | None = None  # accepted for command-line compatibility; unused, as in the reference
 

@@ -6,19 +6,29 @@
     python scripts/benchmark.py --config configs/latent-diffusion/txt2img-1p4B-finetune.yaml --res 256 \
         --threads 1 --tokenizer_path ../shared/fixtures/tokenizers/bert-base-uncased --json bench.json
 
-Each variant runs in its own process so its peak RSS is its own. Variants (switches, combinable):
+Each variant runs in its own process so its peak RSS is its own. With `--from_ckpt` (default on) the parent
+first writes the config's model with random weights as an official-format checkpoint (`{"state_dict": ...}`,
+fp32) and every variant loads it, so the whole-process peak includes the load, as in `main.py --actual_resume`.
+
+Variants: the presets
+  default:   exactly what `main.py` does without speed flags (ldm.cli.speed_options);
+  lean:      `main.py --lean` (ldm.loading.LEAN_OPTIONS);
+or '+'-joined switches:
   reference: the faithful path (encoder every step, math attention, no checkpointing);
   cache:     first-stage moments of the training images cached (exact);
   sdpa:      PyTorch scaled-dot-product attention in the UNet and the BERT encoder;
   ckpt:      gradient checkpointing of the UNet's transformer blocks;
   cl:        channels-last memory format for the UNet;
   compile:   torch.compile of the UNet;
-  bf16w:     frozen weights stored in bfloat16, computed in float32 (weights rounded; see
+  bf16w, fp16w: frozen weights stored in bfloat16 / float16, computed in float32 (weights rounded; see
              ldm/modules/frozen_weights.py).
-Peak RSS is reported twice: over the whole process (model build included) and over the training steps only
-(the kernel's high-water mark is reset after the build; Linux only).
-A variant is a '+'-joined list, e.g. `cache+sdpa`. Phases: first stage (get_input), conditioning (text
-encoder with the embedding), UNet forward + loss, backward, optimizer step.
+Peak RSS is reported twice: over the whole process (model build and load included) and over the training
+steps only (the kernel's high-water mark is reset after the build; Linux only). The UNet's FLOPs per step
+(forward + backward, counted with torch.utils.flop_counter) and the FLOP/s its two phases achieve are printed
+per variant. `--precision bf16` on a CPU is run only where oneDNN has bf16 instructions (AVX512-BF16 or AMX);
+elsewhere bf16 compute is emulated and slower than fp32, and the variant is skipped with a note.
+Phases: first stage (get_input), conditioning (text encoder with the embedding), UNet forward + loss,
+backward, optimizer step.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +48,8 @@ sys.path.insert(0, str(REPO))
 
 from ldm.scripts_common import one_line_parser  # noqa: E402
 
-SWITCHES = ("reference", "cache", "sdpa", "ckpt", "cl", "compile", "bf16w")
+SWITCHES = ("reference", "cache", "sdpa", "ckpt", "cl", "compile", "bf16w", "fp16w")
+PRESETS = ("default", "lean")
 PHASES = ("first_stage", "conditioning", "unet_forward", "backward", "optimizer")
 
 
@@ -54,35 +66,74 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], nargs="+", default=["fp32"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokenizer_path", default=None)
+    p.add_argument("--from_ckpt", type=int, default=1, choices=[0, 1],
+                   help="1: load every variant from a saved random checkpoint (the load counts in the peak)")
+    p.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)  # set by the parent for the children
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_known_args(argv)
 
 
-def build(opt, overrides, switches):
-    """The model a variant trains: its switches are model options (see ldm/loading.py)."""
+def variant_options(variant: str, model_params) -> dict:
+    """The model options (ldm.loading.MODEL_OPTIONS) of a preset or a '+'-joined list of switches."""
+    from ldm.cli import speed_options
+
+    if variant in PRESETS:
+        return speed_options(model_params, {}, lean=variant == "lean")
+    switches = set(variant.split("+"))
+    frozen = "bf16" if "bf16w" in switches else "fp16" if "fp16w" in switches else "fp32"
+    return {"attention": "sdpa" if "sdpa" in switches else "math", "gradient_checkpointing": "ckpt" in switches,
+            "cache_first_stage": "cache" in switches, "frozen_weights": frozen}
+
+
+def build(opt, overrides, variant: str):
+    """The model a variant trains, built (and loaded from `opt.ckpt`) as main.py builds it."""
     import torch
 
-    from ldm.loading import load_model
+    from ldm.loading import load_config, load_model
 
     torch.manual_seed(0)
-    model = load_model(opt.config, overrides=overrides, tokenizer_path=opt.tokenizer_path, device=opt.device,
-                       attention="sdpa" if "sdpa" in switches else "math",
-                       gradient_checkpointing="ckpt" in switches, cache_first_stage="cache" in switches,
-                       frozen_weights="bf16" if "bf16w" in switches else "fp32")
+    params = load_config(opt.config, overrides).model.params
+    model = load_model(opt.config, opt.ckpt, overrides=overrides, tokenizer_path=opt.tokenizer_path,
+                       device=opt.device, **variant_options(variant, params))
     model.train()
     model.learning_rate = 1e-3
     return model
 
 
+def write_random_checkpoint(opt, overrides, path: Path) -> None:
+    """The config's model with seeded random weights, saved the way official checkpoints are."""
+    import torch
+
+    from ldm.loading import load_model
+    from ldm.util import atomic_write
+
+    torch.manual_seed(0)
+    model = load_model(opt.config, overrides=overrides, tokenizer_path=opt.tokenizer_path)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("embedding_manager.")}
+    atomic_write(path, lambda tmp: torch.save({"state_dict": state, "global_step": 0}, tmp))
+
+
+def unet_flops(model, z, cond, t) -> int:
+    """FLOPs of one UNet forward + backward (to the inputs; the weights are frozen)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    z = z.detach()
+    cond = cond.detach().requires_grad_(True)  # the gradient that reaches the embedding
+    with FlopCounterMode(display=False) as counter:
+        model.apply_model(z, t, cond).float().pow(2).mean().backward()
+    return counter.get_total_flops()
+
+
 def child(opt, overrides) -> dict:
     import torch
 
-    switches = set(opt.child.split(":")[0].split("+"))
+    variant = opt.child.split(":")[0]
+    switches = set() if variant in PRESETS else set(variant.split("+"))
     batch_size, precision = int(opt.child.split(":")[1]), opt.child.split(":")[2]
     torch.set_num_threads(opt.threads)
     t0 = time.perf_counter()
-    model = build(opt, overrides, switches)
+    model = build(opt, overrides, variant)
     build_s = time.perf_counter() - t0
     unet = model.model.diffusion_model
     if "cl" in switches:
@@ -125,16 +176,35 @@ def child(opt, overrides) -> dict:
             for p, a, b in zip(PHASES, stamps[:-1], stamps[1:], strict=True):
                 times[p].append(b - a)
     steps = [sum(v) for v in zip(*times.values(), strict=True)]
-    out = {"variant": opt.child.split(":")[0], "batch": batch_size, "precision": precision, "threads": opt.threads,
+    step_peak = step_peak_rss_mb()
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        z, c = model.get_input(batch, model.first_stage_key)
+        flops = unet_flops(model, z, model.get_learned_conditioning(c), t)
+    unet_s = statistics.median(times["unet_forward"]) + statistics.median(times["backward"])
+    out = {"variant": variant, "batch": batch_size, "precision": precision, "threads": opt.threads,
            "device": opt.device, "res": opt.res, "build_s": round(build_s, 2),
            "median_step_s": statistics.median(steps), "step_times_s": steps,
            "phases_median_s": {p: statistics.median(v) for p, v in times.items()},
            "peak_rss_mb": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, build_peak_mb or 0),
-           "step_peak_rss_mb": step_peak_rss_mb(),
+           "step_peak_rss_mb": step_peak, "unet_flops": flops, "unet_flop_per_s": flops / unet_s,
+           "options": variant_options(variant, model_params_of(opt, overrides)), "from_ckpt": bool(opt.ckpt),
            "torch": torch.__version__, "params": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
+
+
+def model_params_of(opt, overrides):
+    from ldm.loading import load_config
+
+    return load_config(opt.config, overrides).model.params
+
+
+def bf16_compute_available(device: str) -> bool:
+    """Whether bf16 autocast is worth running: always on CUDA; on a CPU only with oneDNN's bf16 support."""
+    import torch
+
+    return device.startswith("cuda") or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def reset_peak_rss() -> None:
@@ -157,7 +227,8 @@ def step_peak_rss_mb() -> float | None:
 
 def table(results: list[dict]) -> str:
     ref = {(r["batch"], r["precision"]): r for r in results if r["variant"] == "reference"}
-    head = ["variant", "batch", "prec", "step s", "x ref", "RSS MB", "x ref", "steps RSS MB", *PHASES]
+    head = ["variant", "batch", "prec", "step s", "x ref", "RSS MB", "x ref", "steps RSS MB", *PHASES,
+            "UNet GFLOP", "GFLOP/s"]
     rows = [head]
     for r in results:
         base = ref.get((r["batch"], r["precision"]))
@@ -165,7 +236,8 @@ def table(results: list[dict]) -> str:
                      f"{r['median_step_s'] / base['median_step_s']:.2f}" if base else "-",
                      f"{r['peak_rss_mb']:.0f}", f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}" if base else "-",
                      "-" if r["step_peak_rss_mb"] is None else f"{r['step_peak_rss_mb']:.0f}",
-                     *(f"{r['phases_median_s'][p]:.3f}" for p in PHASES)])
+                     *(f"{r['phases_median_s'][p]:.3f}" for p in PHASES),
+                     f"{r['unet_flops'] / 1e9:.1f}", f"{r['unet_flop_per_s'] / 1e9:.1f}"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
 
@@ -176,13 +248,43 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(child(opt, overrides)))
         return 0
     for v in opt.variants:
-        unknown = set(v.split("+")) - set(SWITCHES)
+        unknown = set() if v in PRESETS else set(v.split("+")) - set(SWITCHES)
         if unknown:
-            raise SystemExit(f"benchmark.py: error: unknown switch(es) {sorted(unknown)}; choose from {SWITCHES}")
+            raise SystemExit(f"benchmark.py: error: unknown switch(es) {sorted(unknown)} in --variants; choose "
+                             f"a preset {PRESETS} or '+'-joined switches from {SWITCHES}")
     args = list(sys.argv[1:] if argv is None else argv)
+    precisions = [p for p in opt.precision if p != "bf16" or bf16_compute_available(opt.device)]
+    if precisions != opt.precision:
+        print("skipped --precision bf16: this CPU has no bf16 instructions for oneDNN (AVX512-BF16 or AMX), so "
+              "bf16 compute would be emulated and slower than fp32", flush=True)
+    with tempfile.TemporaryDirectory(prefix="benchmark_") as tmp:
+        if opt.from_ckpt:
+            t0 = time.perf_counter()
+            args += ["--ckpt", str(Path(tmp) / "random.ckpt")]
+            write_random_checkpoint(opt, overrides, Path(tmp) / "random.ckpt")
+            print(f"wrote a random official-format checkpoint in {time.perf_counter() - t0:.0f} s", flush=True)
+        results = run_variants(opt, args, precisions)
+    print(f"threads {opt.threads}, device {opt.device}, res {opt.res}, config {opt.config}, "
+          f"{opt.steps} timed steps after {opt.warmup} warm-up (medians), from_ckpt {opt.from_ckpt}, "
+          f"cpu {cpu_name()}")
+    print(table(results))
+    if opt.json:
+        Path(opt.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
+def run_variants(opt, args: list[str], precisions: list[str]) -> list[dict]:
     results = []
     for b in opt.batch:
-        for prec in opt.precision:
+        for prec in precisions:
             for v in opt.variants:
                 cmd = [sys.executable, __file__, *args, "--child", f"{v}:{b}:{prec}"]
                 out = subprocess.run(cmd, capture_output=True, text=True)
@@ -192,12 +294,7 @@ def main(argv=None) -> int:
                     raise SystemExit(f"benchmark.py: variant {v} failed")
                 results.append(json.loads(line[len("RESULT "):]))
                 print(f"done: {v} batch {b} {prec}: {results[-1]['median_step_s']:.3f} s/step", flush=True)
-    print(f"threads {opt.threads}, device {opt.device}, res {opt.res}, config {opt.config}, "
-          f"{opt.steps} timed steps after {opt.warmup} warm-up (medians)")
-    print(table(results))
-    if opt.json:
-        Path(opt.json).write_text(json.dumps(results, indent=1))
-    return 0
+    return results
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ def parser():
     p.add_argument("--every", type=int, default=10, help="snapshot (and early-stopping evaluation) interval")
     p.add_argument("--samples", type=int, default=64, help="samples per prompt and snapshot")
     p.add_argument("--ddim_steps", type=int, default=20)
+    p.add_argument("--score_steps", type=int, nargs="+", default=None,
+                   help="score only these snapshot steps (default: every snapshot); step 0, the initializer, "
+                        "is always scored")
     p.add_argument("--config", default="configs/toy/invert.yaml")
     p.add_argument("--ckpt", default="models/toy/toy_ldm.safetensors")
     p.add_argument("--scorer", default="assets/toy/scorer.safetensors")
@@ -129,8 +132,9 @@ def score_run(opt, model, scorer, record: dict, initial: dict[str, torch.Tensor]
     if cache.get("key") != key:
         cache = {"key": key, "scores": {}}
     manager = model.embedding_manager
+    wanted = set(map(str, opt.score_steps)) if opt.score_steps else set(record["snapshots"])
     for step in ["0", *record["snapshots"]]:
-        if step in cache["scores"]:
+        if step in cache["scores"] or (step != "0" and step not in wanted):
             continue
         if step == "0":
             with torch.no_grad():
@@ -140,7 +144,7 @@ def score_run(opt, model, scorer, record: dict, initial: dict[str, torch.Tensor]
             manager.load(record["snapshots"][step])
         cache["scores"][step] = score_embedding(model, scorer, s["shape"], opt.samples, opt.ddim_steps)
         atomic_write(cache_path, lambda tmp: Path(tmp).write_text(json.dumps(cache)))
-    return {int(k): v for k, v in cache["scores"].items()}
+    return {int(k): v for k, v in cache["scores"].items() if k == "0" or k in wanted}
 
 
 def run(opt, overrides):
@@ -166,7 +170,8 @@ def run(opt, overrides):
     stops = {(r, c, s): rec["early_stopping"]["stopped_at"] for (r, c, s), rec in records.items()}
     summary = summarize(rows, stops, opt.steps, baseline="baseline")
     summary["settings"] = {k: getattr(opt, k) for k in ("recipes", "concepts", "seeds", "steps", "every", "samples",
-                                                           "ddim_steps", "config", "ckpt", "init_word")}
+                                                           "ddim_steps", "score_steps", "config", "ckpt",
+                                                           "init_word")}
     summary["settings"]["threads"] = torch.get_num_threads()
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "snapshots.csv", "w", newline="") as f:

@@ -372,12 +372,27 @@ def test_speed_flags_become_model_options():
     assert config.model.params.attention == "math"
 
 
+def test_lean_fills_the_speed_options_not_given():
+    from ldm.loading import LEAN_OPTIONS
+
+    config = _sd_config()
+    apply_overrides(config, opts("--lean"))
+    params = config.model.params
+    assert LEAN_OPTIONS and all(params[k] == v for k, v in LEAN_OPTIONS.items())
+    assert params.attention == "sdpa"
+    config = _sd_config()
+    apply_overrides(config, opts("--lean", "--frozen_weights", "bf16"))
+    assert config.model.params.frozen_weights == "bf16"  # an explicit flag wins over the preset
+
+
 def test_speed_flags_need_a_diffusion_model(tmp_path):
     ae = merge_configs([str(REPO / "configs" / "toy" / "autoencoder.yaml")], [])
     apply_overrides(ae, opts())  # no speed flag: an autoencoder config trains as before
     assert "attention" not in ae.model.params
     with pytest.raises(UsageError, match="--gradient_checkpointing"):
         apply_overrides(ae, opts("--gradient_checkpointing"))
+    with pytest.raises(UsageError, match="--lean"):
+        apply_overrides(ae, opts("--lean"))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -83,14 +83,15 @@ def test_gradient_checkpointing_matches(case):
     assert_close(grad, ref_grad, rtol=1e-5, atol=1e-8, what="grad")
 
 
-def test_bf16_frozen_weights_compute_in_fp32_with_rounded_weights(case):
-    """bf16 storage changes the weights (rounded) and nothing else: the step equals an fp32 model whose frozen
-    weights were rounded to bf16, and the frozen weights take half the memory."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_frozen_weights_compute_in_fp32_with_rounded_weights(case, dtype):
+    """16-bit storage changes the weights (rounded) and nothing else: the step equals an fp32 model whose frozen
+    weights were rounded to that dtype, and the frozen weights take half the memory."""
     model, batch, f, _ = case
     rounded = copy.deepcopy(model)
     stored = copy.deepcopy(model)
     frozen_bytes = sum(p.numel() * p.element_size() for p in stored.parameters() if not p.requires_grad)
-    converted = store_frozen_weights(stored, torch.bfloat16)
+    converted = store_frozen_weights(stored, dtype)
     assert converted > 20
     stored_bytes = sum(p.numel() * p.element_size() for p in stored.parameters() if not p.requires_grad)
     assert stored_bytes < 0.55 * frozen_bytes
@@ -106,6 +107,24 @@ def test_bf16_frozen_weights_compute_in_fp32_with_rounded_weights(case):
     assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7, what="grad")
     fp32_loss, _ = step(model, batch, f)
     assert not torch.equal(loss, fp32_loss)  # the weights really are rounded
+
+
+def test_stored_layers_upcast_into_one_reused_buffer(case):
+    """Every stored layer of one conversion upcasts into the same scratch tensor, which grows to the largest
+    weight a step uses and is not allocated again on later steps."""
+    model, batch, f, _ = case
+    stored = copy.deepcopy(model)
+    store_frozen_weights(stored, torch.float16)
+    buffers = {id(m.upcast_buffer) for m in stored.modules() if hasattr(m, "upcast_buffer")}
+    assert len(buffers) == 1
+    buffer = next(m.upcast_buffer for m in stored.modules() if hasattr(m, "upcast_buffer"))
+    step(stored, batch, f)
+    first = buffer._data.data_ptr()
+    largest = max(m.weight.numel() for m in stored.modules() if hasattr(m, "upcast_buffer")
+                  and not isinstance(m, torch.nn.Embedding))
+    assert 0 < buffer._data.numel() <= largest and buffer._data.dtype == torch.float32
+    step(stored, batch, f)
+    assert buffer._data.data_ptr() == first
 
 
 def test_frozen_weights_config_stores_while_building_and_rejects_trainable_models():
