@@ -465,6 +465,27 @@ def check_trainer_settings(cfg: dict, flags: dict) -> None:
             given = f"--gpus {flags['gpus']}" if "gpus" in flags else f"accelerator={accelerator}"
             raise UsageError(f"{given}: no CUDA GPU is available on this machine (torch.cuda.is_available() is "
                              "False); to train on the CPU leave out --gpus (or pass --accelerator cpu)")
+    elif accelerator == "cpu" and precision is not None:
+        check_cpu_precision(str(precision), _flag_or_key("precision", flags))
+
+
+def cpu_half_compute() -> dict[str, bool]:
+    """Which 16-bit formats this CPU computes natively through oneDNN (AVX512-BF16/AMX, AVX512-FP16/AMX-FP16).
+    Without them autocast emulates the format and runs slower than float32."""
+    import torch
+
+    return {"bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+            "16": bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())}
+
+
+def check_cpu_precision(precision: str, where: str) -> None:
+    """Mixed precision on a CPU only where it is faster than float32 (detected at run time)."""
+    kind = "bf16" if precision.startswith("bf16") else "16" if precision.split("-")[0] == "16" else None
+    if kind is not None and not cpu_half_compute()[kind]:
+        name = "bfloat16" if kind == "bf16" else "float16"
+        raise UsageError(f"{where}={precision}: this CPU has no {name} instructions for oneDNN, so mixed precision "
+                         f"would be emulated and slower than float32; leave out --precision (for memory use "
+                         f"--frozen_weights fp16 or --lean)")
 
 
 def check_number(value, where: str, *, minimum=None, integer=False, positive=False) -> None:

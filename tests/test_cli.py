@@ -614,3 +614,18 @@ def test_loader_state_before_any_batch():
 def test_gpus_zero_means_cpu_as_in_lightning_1():
     cfg = trainer_settings({}, flags("--gpus", "0"))
     assert cfg["accelerator"] == "cpu" and "devices" not in cfg
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16", "16-mixed"])
+def test_cpu_mixed_precision_only_where_the_cpu_computes_it(monkeypatch, precision):
+    import ldm.cli as cli
+
+    detected = cli.cpu_half_compute()  # this machine's answer: two booleans
+    assert set(detected) == {"bf16", "16"} and all(isinstance(v, bool) for v in detected.values())
+    settings = {"precision": precision, "accelerator": "cpu"}
+    monkeypatch.setattr(cli, "cpu_half_compute", lambda: {"bf16": False, "16": False})
+    with pytest.raises(UsageError, match="--precision=.*emulated and slower"):
+        cli.check_trainer_settings(settings, {"precision": precision})
+    cli.check_trainer_settings({"precision": "32-true", "accelerator": "cpu"}, {"precision": "32-true"})
+    monkeypatch.setattr(cli, "cpu_half_compute", lambda: {"bf16": True, "16": True})
+    cli.check_trainer_settings(settings, {"precision": precision})  # a CPU that has the instructions
