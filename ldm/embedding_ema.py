@@ -10,7 +10,8 @@ vectors, and the average is only read and written.
       params: {decay: 0.9}
 
 Every time the run writes `embeddings.pt` / `embeddings_gs-<step>.pt`, this writes `embeddings_ema.pt` /
-`embeddings_ema_gs-<step>.pt` in the same format (the official `.pt`). The average is part of the
+`embeddings_ema_gs-<step>.pt` in the same format (the official `.pt`), each with its `.safetensors` twin
+(metadata as the raw files' plus `ema_decay`). The average is part of the
 checkpoint (callback state), so `--resume` continues it exactly.
 """
 
@@ -21,6 +22,8 @@ import os
 
 import pytorch_lightning as pl
 import torch
+
+from ldm.models.diffusion.textual_inversion import save_embedding_files
 
 
 class EmbeddingEMA(pl.Callback):
@@ -80,6 +83,5 @@ class EmbeddingEMA(pl.Callback):
         if not (trainer.is_global_zero and self.shadow and dirpath and os.path.isdir(dirpath)):
             return
         with self.averaged(pl_module):
-            manager = pl_module.embedding_manager
-            manager.save(os.path.join(dirpath, "embeddings_ema.pt"))
-            manager.save(os.path.join(dirpath, f"embeddings_ema_gs-{pl_module.global_step}.pt"))
+            save_embedding_files(pl_module.embedding_manager, dirpath, pl_module.global_step,
+                                 stem="embeddings_ema", meta={"ema_decay": self.decay})

@@ -9,9 +9,15 @@ executing pickled code (`ldm.checkpoint.read_file`).
 Written: the official `.pt` (readable by the reference, A1111 and diffusers); our `.safetensors`: one
 tensor per placeholder named `string_to_param.<placeholder>`, metadata `format=textual_inversion`,
 `format_version`, `placeholders`, `string_to_token`, `num_vectors`, `token_dim` and any extra fields
-(base model, step, seed); diffusers' `learned_embeds` layout ({placeholder: [k, d]}, `.bin` or
-`.safetensors`); A1111's `.pt` (with `name` and `step`) and `.safetensors` (`emb_params`). The last two
-formats hold one placeholder per file.
+(training adds step, seed, config, base_checkpoint, base_checkpoint_sha256, text_encoder_width, and
+ema_decay for averaged files: `ldm.models.diffusion.textual_inversion.run_metadata`; all values are
+strings); diffusers' `learned_embeds` layout ({placeholder: [k, d]}, `.bin` or `.safetensors`); A1111's
+`.pt` (with `name` and `step`) and `.safetensors` (`emb_params`). The last two formats hold one
+placeholder per file.
+
+Our `.safetensors` of one placeholder is a single-tensor file, the layout diffusers' `load_textual_inversion`
+and A1111 also read (pass diffusers `token=`, or it names the word `string_to_param.<placeholder>`). Without
+its metadata it still reads here, the placeholder taken from the tensor name.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class EmbeddingSet:
     vectors: dict[str, torch.Tensor]
     tokens: dict[str, int] = field(default_factory=dict)
     meta: dict[str, str] = field(default_factory=dict)
+    #: the layout it was read from (one of FORMATS; "" when built in memory)
+    source: str = field(default="", compare=False)
 
     @property
     def token_dim(self) -> int:
@@ -59,7 +67,8 @@ def _as_vectors(value, where: str) -> torch.Tensor:
         raise EmbeddingFormatError(f"{where}: expected a float tensor [k, d] or [d]")
     value = value.detach().to("cpu", torch.float32)
     if not bool(torch.isfinite(value).all()):
-        raise EmbeddingFormatError(f"{where}: holds NaN or infinite values (a diverged run?); refusing to use it")
+        raise EmbeddingFormatError(f"{where}: holds NaN or infinite values (a diverged run?); "
+                                   "refusing to use it")
     return value[None] if value.ndim == 1 else value
 
 
@@ -71,9 +80,10 @@ def read_embeddings(path: str | os.PathLike) -> EmbeddingSet:
 
         if not path.is_file():
             raise EmbeddingFormatError(f"embeddings file not found: {path}")
+        data = read_file(path)  # first: it turns a corrupt file into a CheckpointError naming it
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-        return _from_flat(read_file(path), meta, path)
+        return _from_flat(data, meta, path)
     data = read_file(path)
     if not isinstance(data, dict):
         raise EmbeddingFormatError(f"{path}: not an embeddings file (holds a {type(data).__name__})")
@@ -95,18 +105,25 @@ def _parse(data: dict, meta: dict[str, str], path: Path) -> EmbeddingSet:
         tokens = {k: int(v) for k, v in json.loads(meta.get("string_to_token", "{}")).items()}
         vectors = {p: _as_vectors(data[_PARAM_PREFIX + p], f"{path}: '{p}'") for p in placeholders}
         extra = {k: v for k, v in meta.items() if k not in ("format", "placeholders", "string_to_token")}
-        return EmbeddingSet(vectors, tokens, extra)
+        return EmbeddingSet(vectors, tokens, extra, "safetensors")
     if "string_to_param" in data:  # official, or A1111 (adds name/step)
         params = data["string_to_param"]
         vectors = {str(p): _as_vectors(v, f"{path}: '{p}'") for p, v in params.items()}
         tokens = {str(p): int(torch.as_tensor(t)) for p, t in (data.get("string_to_token") or {}).items()}
         extra = {k: str(data[k]) for k in ("name", "step", "sd_checkpoint_name") if k in data}
-        return EmbeddingSet(vectors, tokens, extra)
+        source = "a1111" if ("name" in data or "step" in data) else "official"
+        return EmbeddingSet(vectors, tokens, extra, source)
     if "emb_params" in data:  # A1111 safetensors: one embedding, named after the file
-        return EmbeddingSet({path.stem: _as_vectors(data["emb_params"], f"{path}: emb_params")}, {}, dict(meta))
+        vectors = {path.stem: _as_vectors(data["emb_params"], f"{path}: emb_params")}
+        return EmbeddingSet(vectors, {}, dict(meta), "a1111")
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if tensors and len(tensors) == len(data) and all(k.startswith(_PARAM_PREFIX) for k in tensors):
+        # our layout without its metadata: placeholders from the tensor names, token ids from a tokenizer
+        vectors = {k[len(_PARAM_PREFIX):]: _as_vectors(v, f"{path}: '{k}'") for k, v in tensors.items()}
+        return EmbeddingSet(vectors, {}, dict(meta), "safetensors")
     if len(tensors) == len(data) and len(tensors) >= 1:  # diffusers: {token: vectors}
-        return EmbeddingSet({k: _as_vectors(v, f"{path}: '{k}'") for k, v in tensors.items()}, {}, dict(meta))
+        vectors = {k: _as_vectors(v, f"{path}: '{k}'") for k, v in tensors.items()}
+        return EmbeddingSet(vectors, {}, dict(meta), "diffusers")
     raise EmbeddingFormatError(
         f"{path}: unknown embeddings layout (keys {sorted(map(str, data))[:6]}); expected the official "
         "string_to_token/string_to_param, emb_params, or {token: tensor}"
@@ -165,7 +182,8 @@ def write_diffusers(emb: EmbeddingSet, path: str | os.PathLike) -> None:
 
 
 def write_a1111(emb: EmbeddingSet, path: str | os.PathLike) -> None:
-    """AUTOMATIC1111's `.pt` ({string_to_token, string_to_param, name, step}) or `.safetensors` (emb_params)."""
+    """AUTOMATIC1111's `.pt` ({string_to_token, string_to_param, name, step}) or `.safetensors`
+    (emb_params)."""
     placeholder, vectors = _single(emb, "a1111")
     if Path(path).suffix == ".safetensors":
         from safetensors.torch import save_file

@@ -6,7 +6,8 @@
    or, with `unfreeze_model`, adds the UNet and text encoder as a second group at `model_lr`.
 4. The optional regulariser pulls the vectors towards their initializer embedding.
 5. Checkpoints: every Lightning checkpoint also writes `embeddings.pt` and `embeddings_gs-<step>.pt`
-   next to it. The reference emptied the Lightning checkpoint (so `--resume` could never work,
+   next to it, each with a `.safetensors` twin holding the same vectors plus the run's metadata
+   (`run_metadata`). The reference emptied the Lightning checkpoint (so `--resume` could never work,
    docs/DIFFERENCES.md#resume-kept-checkpoint); here it
    keeps only the trainable tensors (a few KB: vectors, optimizer moments, step, and the progressive-words
    counter), and the frozen weights are taken from the model being resumed.
@@ -14,8 +15,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -93,7 +96,66 @@ def complete_state_dict(saved: Mapping[str, torch.Tensor], current: Mapping[str,
     return {**current, **saved}
 
 
-def save_embedding_files(manager: nn.Module, dirpath: str, global_step: int) -> None:
-    """`embeddings.pt` (latest) and `embeddings_gs-<global_step>.pt` (kept) in the checkpoint folder."""
-    manager.save(os.path.join(dirpath, "embeddings.pt"))
-    manager.save(os.path.join(dirpath, f"embeddings_gs-{global_step}.pt"))
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_sha256(manager: nn.Module, path: str | os.PathLike) -> str | None:
+    """`file_sha256(path)`, computed once per (path, size, mtime) and cached on `manager`; None if no file."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    cache = manager.__dict__.setdefault("_file_sha256_cache", {})
+    if key not in cache:
+        cache[key] = file_sha256(path)
+    return cache[key]
+
+
+def run_config_file(dirpath: str | os.PathLike) -> Path | None:
+    """The newest `configs/<now>-project.yaml` (SetupCallback's) beside the checkpoint folder, if any."""
+    found = sorted((Path(dirpath).parent / "configs").glob("*-project.yaml"))
+    return found[-1] if found else None
+
+
+def run_metadata(manager: nn.Module, dirpath: str | os.PathLike, global_step: int) -> dict[str, str]:
+    """Metadata of an embedding saved in the checkpoint folder `dirpath` of a training run.
+
+    step; seed (`PL_GLOBAL_SEED`, set by the run's `seed_everything`); config (the run's project YAML);
+    base_checkpoint and base_checkpoint_sha256 (its `model.params.ckpt_path`); text_encoder_width. Fields
+    that cannot be found (no config file, no checkpoint file) are left out.
+    """
+    from omegaconf import OmegaConf
+
+    meta = {"step": str(int(global_step)), "text_encoder_width": str(int(manager.token_dim))}
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    if seed:
+        meta["seed"] = seed
+    config_file = run_config_file(dirpath)
+    if config_file is not None:
+        text = config_file.read_text(encoding="utf-8")
+        meta["config"] = text
+        ckpt = OmegaConf.select(OmegaConf.create(text), "model.params.ckpt_path",
+                                throw_on_resolution_failure=False)
+        if ckpt:
+            meta["base_checkpoint"] = Path(str(ckpt)).name
+            sha = cached_sha256(manager, str(ckpt))
+            if sha is not None:
+                meta["base_checkpoint_sha256"] = sha
+    return meta
+
+
+def save_embedding_files(manager: nn.Module, dirpath: str, global_step: int, stem: str = "embeddings",
+                         meta: Mapping | None = None) -> None:
+    """`<stem>.pt` (latest) and `<stem>_gs-<global_step>.pt` (kept) in the checkpoint folder, in the
+    official format, each with a `.safetensors` twin: the same vectors plus `run_metadata` and `meta`."""
+    info = {**run_metadata(manager, dirpath, global_step), **{k: str(v) for k, v in (meta or {}).items()}}
+    for name in (stem, f"{stem}_gs-{global_step}"):
+        manager.save(os.path.join(dirpath, f"{name}.pt"))
+        manager.save(os.path.join(dirpath, f"{name}.safetensors"), meta=info)
