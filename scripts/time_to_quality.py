@@ -70,6 +70,8 @@ def parser():
     p.add_argument("--ckpt", default="models/toy/toy_ldm.safetensors")
     p.add_argument("--scorer", default="assets/toy/scorer.safetensors")
     p.add_argument("--init_word", default="shape")
+    p.add_argument("--cached_only", action="store_true",
+                   help="score nothing new: summarize the scores cached so far (runs without any are left out)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--out", default="outputs/time_to_quality")
     return p
@@ -134,7 +136,7 @@ def score_run(opt, model, scorer, record: dict, initial: dict[str, torch.Tensor]
     manager = model.embedding_manager
     wanted = set(map(str, opt.score_steps)) if opt.score_steps else set(record["snapshots"])
     for step in ["0", *record["snapshots"]]:
-        if step in cache["scores"] or (step != "0" and step not in wanted):
+        if step in cache["scores"] or (step != "0" and step not in wanted) or opt.cached_only:
             continue
         if step == "0":
             with torch.no_grad():
@@ -161,6 +163,9 @@ def run(opt, overrides):
     rows = []
     for (recipe, shape, seed), record in records.items():
         scores = score_run(opt, model, scorer, record, initial)
+        wanted = set(opt.score_steps or map(int, record["snapshots"])) | {0}
+        if not wanted <= set(scores):  # --cached_only: a run not fully scored yet is left out
+            continue
         seconds = {int(k): v for k, v in record["seconds"].items()}
         for step, sc in sorted(scores.items()):
             rows.append({"recipe": recipe, "concept": shape, "seed": seed, "step": step,
