@@ -5,12 +5,18 @@ Reading is safe by construction: `.safetensors` files go through safetensors, ev
 code can run). Loading into a model applies named fix-ups, then compares key sets and shapes and raises
 `CheckpointMismatchError` naming the offending keys. The only keys allowed to be missing are those the
 caller lists (by default the embedding manager's, which no base checkpoint contains).
+
+Loading a file costs about one copy of the model: `open_checkpoint` maps it instead of reading it
+(`ldm/mapped_file.py`), and `load_state_dict_into` copies it in one tensor at a time, checking each for NaN
+just before and giving its file pages back just after; model tensors still on the meta device get their
+storage as they are filled.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from ldm.mapped_file import FilePages, file_pages, map_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +86,7 @@ def read_file(path: str | os.PathLike) -> Any:
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load(path)
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch's own messages run to pages
         raise CheckpointError(
@@ -89,10 +96,17 @@ def read_file(path: str | os.PathLike) -> Any:
         ) from e
 
 
+def _torch_load(path: Path, mmap: bool = False) -> Any:
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
 def check_finite(tensors: Mapping[str, Any], where: str) -> None:
-    """Raise CheckpointError naming the first floating-point tensor with a NaN or an infinity."""
+    """Raise CheckpointError naming the first floating-point tensor with a NaN or an infinity (found through its
+    min and max, which a NaN makes NaN: no temporary as large as the tensor)."""
     for key, value in tensors.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() and not bool(
+                torch.isfinite(torch.stack(torch.aminmax(value))).all()):
             raise CheckpointError(f"{where}: tensor '{key}' holds NaN or infinite values; refusing to use it")
 
 
@@ -118,7 +132,12 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     Accepts a Lightning-style dict with `state_dict` (metadata: `global_step`, `epoch` when present), a
     flat state dict, or a safetensors file.
     """
-    obj = read_file(path)
+    state_dict, meta = _state_dict_of(read_file(path), path)
+    check_finite(state_dict, str(path))
+    return state_dict, meta
+
+
+def _state_dict_of(obj: Any, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     if "state_dict" in obj:
@@ -129,8 +148,47 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: entries that are not tensors: {bad[:5]}")
-    check_finite(state_dict, str(path))
     return dict(state_dict), meta
+
+
+@dataclass
+class Checkpoint:
+    """A model checkpoint opened for loading (`open_checkpoint`): its state dict, its metadata and, when the
+    tensors are views of a private mapping of the file, that mapping (`pages`)."""
+
+    path: str
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    pages: FilePages | None = None
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a model checkpoint without reading it: `.safetensors` and zip-format torch files are mapped, so no
+    tensor is resident until read; legacy torch files are read whole. Accepts what `read_state_dict` accepts,
+    with its errors, but leaves the NaN check to the reader of each tensor (`load_state_dict_into`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    obj = None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt"):  # validates the header
+                pass
+        except Exception as e:
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+    try:
+        if path.suffix == ".safetensors":
+            obj = map_safetensors(path)  # None: a dtype it does not map
+        elif zipfile.is_zipfile(path):
+            obj = _torch_load(path, mmap=True)
+    except Exception:  # no mapping: read_file below reads the file, or raises the usual one-line error
+        obj = None
+    if obj is None:
+        obj = read_file(path)
+    state_dict, meta = _state_dict_of(obj, path)
+    return Checkpoint(str(path), state_dict, meta, file_pages(path, state_dict.values()))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,7 +266,7 @@ def _match(key: str, prefixes: Iterable[str]) -> bool:
 
 def load_state_dict_into(
     model: nn.Module,
-    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    source: str | os.PathLike | Checkpoint | Mapping[str, torch.Tensor],
     *,
     ignore_keys: Iterable[str] = (),
     allow_missing: Iterable[str] = ("embedding_manager.",),
@@ -216,17 +274,21 @@ def load_state_dict_into(
 ) -> LoadReport:
     """Load a checkpoint into `model` strictly, after the named fix-ups.
 
+    `source`: a file, an opened one (`open_checkpoint`) or an in-memory state dict. A file's tensors are
+    checked for NaN/inf one by one as they are loaded (a bad one stops the load part-way).
     `ignore_keys`: key prefixes of the checkpoint to drop first (the ldm `ignore_keys` option); the model keeps
     its own values for them (e.g. a new noise schedule over old weights).
     `allow_missing`: key prefixes of the model that the checkpoint may lack.
-    `source_name`: how to name an in-memory state dict in messages.
+    `source_name`: how to name the source in messages (default: the file, or "<state dict>").
     Raises `CheckpointMismatchError` naming unexpected keys, missing keys and shape mismatches.
     """
-    if isinstance(source, Mapping):
-        path, sd, meta = source_name or "<state dict>", dict(source), {}
+    if isinstance(source, (str, os.PathLike)):
+        source = open_checkpoint(source)
+    if isinstance(source, Checkpoint):
+        path, sd, meta, pages = source_name or source.path, dict(source.tensors), source.meta, source.pages
+        check_as = path
     else:
-        path = str(source)
-        sd, meta = read_state_dict(source)
+        path, sd, meta, pages, check_as = source_name or "<state dict>", dict(source), {}, None, None
     ignore_keys, allow_missing = tuple(ignore_keys), tuple(allow_missing)
     sd = {k: v for k, v in sd.items() if not _match(k, ignore_keys)}
     target = model.state_dict()
@@ -251,8 +313,46 @@ def load_state_dict_into(
                 parts.append(f"{title}: {shown}")
         raise CheckpointMismatchError(f"checkpoint {path} does not match {type(model).__name__}: " + "; ".join(parts))
 
-    result = model.load_state_dict(sd, strict=False)  # key sets were checked above, allowlist included
-    assert not result.unexpected_keys
+    _fill(model, sd, pages, check_as)  # key sets were checked above, allowlist included
     logger.info("Restored %s from %s (%d tensors; allowed missing: %d)", type(model).__name__, path, len(sd),
                 len(missing))
     return LoadReport(path=path, loaded=len(sd), missing_allowed=missing, meta=meta)
+
+
+def _fill(model: nn.Module, sd: dict[str, torch.Tensor], pages: FilePages | None, check_as: str | None):
+    """Copy `sd` into `model` one tensor at a time, through the module that owns it (its `load_state_dict`,
+    so dtype conversion and module overrides are torch's): a meta-device target first gets uninitialised CPU
+    storage, the source is checked for NaN (when `check_as` names the file) and its pages are released after.
+    A model with load_state_dict hooks (none here) is loaded in one call instead, without releasing pages."""
+    owners: dict[str, nn.Module] = {}
+    replaced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # meta tensor id -> (it, its replacement)
+    whole = any(m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks for m in model.modules())
+    for key, value in sd.items():
+        prefix, _, name = key.rpartition(".")
+        if prefix not in owners:
+            owners[prefix] = model.get_submodule(prefix)
+        owner = owners[prefix]
+        _give_storage(owner, name, replaced)
+        if whole:
+            continue
+        if check_as is not None:
+            check_finite({key: value}, check_as)
+        owner.load_state_dict({name: value}, strict=False)
+        if pages is not None:
+            pages.release(value)
+    if whole:
+        if check_as is not None:
+            check_finite(sd, check_as)
+        model.load_state_dict(sd, strict=False)
+
+
+def _give_storage(module: nn.Module, name: str, done: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Replace `module`'s parameter or buffer `name`, if on the meta device, by uninitialised CPU storage of
+    its dtype (one replacement per tensor, so tied tensors stay tied)."""
+    old = module._parameters.get(name, module._buffers.get(name))
+    if old is None or not old.is_meta:
+        return
+    if id(old) not in done:
+        new = torch.empty_like(old, device="cpu")
+        done[id(old)] = (old, nn.Parameter(new, old.requires_grad) if isinstance(old, nn.Parameter) else new)
+    setattr(module, name, done[id(old)][1])

@@ -523,8 +523,12 @@ def is_diffusion_model(model_config: DictConfig) -> bool:
 
 def speed_options(model_params: DictConfig, given: dict[str, Any], lean: bool = False) -> dict[str, Any]:
     """The model options a training run uses: the `given` ones, then (with `lean`) `LEAN_OPTIONS` for the
-    rest, and `attention` "sdpa" unless given or set in the config. The others are left to the config."""
-    options = {**(LEAN_OPTIONS if lean else {}), **given}
+    rest (`release_first_stage` only for textual inversion, the one case with a latent cache), and
+    `attention` "sdpa" unless given or set in the config. The others are left to the config."""
+    preset = dict(LEAN_OPTIONS) if lean else {}
+    if model_params.get("personalization_config") is None:
+        preset.pop("release_first_stage", None)
+    options = {**preset, **given}
     options.setdefault("attention", model_params.get("attention") or "sdpa")
     return options
 

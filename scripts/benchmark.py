@@ -175,6 +175,9 @@ def child(opt, overrides) -> dict:
         if i >= warmup:
             for p, a, b in zip(PHASES, stamps[:-1], stamps[1:], strict=True):
                 times[p].append(b - a)
+        if i == warmup - 1 and getattr(model, "first_stage_release", None) is not None:
+            # as training does at train start, once every training latent is cached: free the autoencoder
+            model.first_stage_release.free(model.first_stage_model, "encoder", "decoder")
     steps = [sum(v) for v in zip(*times.values(), strict=True)]
     step_peak = step_peak_rss_mb()
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

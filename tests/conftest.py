@@ -94,8 +94,13 @@ def regenerate_parity_state_dict(name: str) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
         model = instantiate_from_config(parity_config(name).model)
         gen = torch.Generator().manual_seed(1234)
+        # the reference's named_parameters(): ours plus BERT's unused logits head, which is no parameter here
+        # (ldm/modules/x_transformer.py, LogitsHead) but sits in the same place of the state dict
+        params = dict(model.named_parameters())
+        weights = [(k, v) for k, v in model.state_dict(keep_vars=True).items()
+                   if k in params or ".to_logits." in k]
         with torch.no_grad():
-            for key, p in model.named_parameters():
+            for key, p in weights:
                 if key.startswith("embedding_manager."):
                     continue
                 if p.dim() >= 2:

@@ -383,6 +383,9 @@ def test_lean_fills_the_speed_options_not_given():
     config = _sd_config()
     apply_overrides(config, opts("--lean", "--frozen_weights", "bf16"))
     assert config.model.params.frozen_weights == "bf16"  # an explicit flag wins over the preset
+    plain = merge_configs([str(NO_TI_CONFIG)], [])  # no latent cache without textual inversion: nothing freed
+    apply_overrides(plain, opts("--lean"))
+    assert plain.model.params.frozen_weights == "fp16" and "release_first_stage" not in plain.model.params
 
 
 def test_speed_flags_need_a_diffusion_model(tmp_path):

@@ -286,6 +286,17 @@ class PersonalizedBase(Dataset):
         array = image_to_array(image, self.size, self.interpolation, self.center_crop, flip)
         return {"caption": caption, "image": array}
 
+    def distinct_images(self) -> list[np.ndarray]:
+        """Every image array `__getitem__` can return: each image unflipped and/or flipped, as `flip_p` allows
+        (cropping and resizing are deterministic; only the flip is drawn)."""
+        flips = [flip for flip in (False, True) if (self.flip_p > 0 if flip else self.flip_p < 1)]
+        arrays = []
+        for path in self.image_paths:
+            image = load_rgb(path, exif_transpose=self.exif_transpose, alpha=self.alpha)
+            arrays += [image_to_array(image, self.size, self.interpolation, self.center_crop, flip)
+                       for flip in flips]
+        return arrays
+
     @property
     def placeholder_string(self) -> str:
         """The text standing for the concept in captions, prefixed by the coarse class if one is set."""

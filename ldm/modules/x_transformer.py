@@ -25,6 +25,8 @@ Local changes:
 - No einops: the head split is written with `reshape`/`transpose`; attention is computed in the same order
   (q k^T, times dim_head^-0.5, softmax, times v).
 - A sequence longer than `max_seq_len` raises a `ValueError` naming both lengths.
+- `to_logits`, the unused logits head, is a `LogitsHead`: same keys, shapes and random init, but its tensors
+  are not parameters and a checkpoint's are kept without a copy (docs/DIFFERENCES.md#unused-logits-head).
 """
 
 from __future__ import annotations
@@ -228,6 +230,52 @@ class Encoder(AttentionLayers):
         super().__init__(**kwargs)
 
 
+class LogitsHead(nn.Module):
+    """`to_logits`, the projection dim -> num_tokens, which textual inversion never runs (the embedder asks
+    for `return_embeddings`): 39 M numbers at LDM 1.4B size.
+
+    `weight` and `bias` are plain tensors, not parameters or buffers: they are in `state_dict()` and load
+    strictly (missing, unexpected or mis-shaped keys are errors), but nothing moves, casts, stores in 16 bits
+    or trains them, and loading keeps the given tensor itself instead of copying it. Loaded from a file
+    through `ldm.checkpoint` they stay views of the mapped file, resident only while read (e.g. by an export).
+    Initialised as `nn.Linear(dim, num_tokens)`, with the same random draws.
+    """
+
+    NAMES = ("weight", "bias")
+
+    def __init__(self, dim: int, num_tokens: int):
+        super().__init__()
+        linear = nn.Linear(dim, num_tokens)
+        self.weight, self.bias = linear.weight.detach(), linear.bias.detach()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight.to(h), self.bias.to(h))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name in self.NAMES:
+            destination[prefix + name] = getattr(self, name)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in self.NAMES:
+            key, own = prefix + name, getattr(self, name)
+            value = state_dict.get(key)
+            if value is None:
+                if strict:
+                    missing_keys.append(key)
+            elif value.shape != own.shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {value.shape} from "
+                                  f"checkpoint, the shape in current model is {own.shape}.")
+            else:
+                setattr(self, name, value.detach().cpu())
+        if strict:
+            names = {prefix + name for name in self.NAMES}
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in names)
+
+
 class TransformerWrapper(nn.Module):
     """Token embedding + learned positions + `attn_layers` + final LayerNorm (+ unused logits head).
 
@@ -260,7 +308,7 @@ class TransformerWrapper(nn.Module):
         self.attn_layers = attn_layers
         self.norm = nn.LayerNorm(dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
-        self.to_logits = nn.Linear(dim, num_tokens)
+        self.to_logits = LogitsHead(dim, num_tokens)
 
     def forward(
         self,

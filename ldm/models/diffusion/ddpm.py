@@ -7,7 +7,8 @@ are kept (configs and checkpoints use them). Local changes:
 - `personalization_config` is optional (vanilla ldm configs build again,
   docs/DIFFERENCES.md#personalization-optional);
 - checkpoints load strictly through `ldm.checkpoint` (no silent `strict=False`,
-  docs/DIFFERENCES.md#strict-checkpoint-loading);
+  docs/DIFFERENCES.md#strict-checkpoint-loading); what the constructor's checkpoint fills is built on the
+  meta device and filled tensor by tensor (docs/DIFFERENCES.md#lean-checkpoint-loading);
 - `logvar` is a non-persistent buffer, so it follows the device (docs/DIFFERENCES.md#logvar-buffer);
 - randomness is injectable: `t`, `noise` and the posterior noise can be passed in;
 - logging instead of print; the patch-wise (split-input) paths are left out: no text-to-image config or
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -29,13 +30,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ldm.checkpoint import load_state_dict_into, read_state_dict
+from ldm.checkpoint import CheckpointError, check_finite, load_state_dict_into, open_checkpoint
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.diffusion.ddpm_schedule import (
     PARAMETERIZATIONS,
     SCHEDULE_BUFFERS,
     lvlb_weights,
     schedule_table,
+)
+from ldm.models.diffusion.first_stage_release import (
+    FirstStageRelease,
+    distinct_images,
+    loaders,
+    padded_batches,
+    stack_images,
+    with_decoder,
 )
 from ldm.models.diffusion.latent_cache import LatentCache
 from ldm.models.diffusion.sampling import guided_output
@@ -69,6 +78,17 @@ logger = logging.getLogger(__name__)
 
 __conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
 
+#: Key prefixes of what is built on the meta device when the constructor's checkpoint fills it (`model_ema.`
+#: copies `model.`).
+META_BUILT = ("model.", "model_ema.", "first_stage_model.", "cond_stage_model.")
+
+
+def checkpoint_fills(ckpt_path, ignore_keys=(), load_only_unet: bool = False) -> bool:
+    """Whether the constructor's checkpoint fills every weight of META_BUILT: it is loaded whole and no
+    `ignore_keys` entry reaches into them (the model keeps its own, random, values for those)."""
+    reaches = any(str(k).startswith(p) or p.startswith(str(k)) for k in ignore_keys for p in META_BUILT)
+    return ckpt_path is not None and not load_only_unet and not reaches
+
 
 def kernel_options(attention: str = "math", gradient_checkpointing: bool = False) -> dict:
     """The speed options that differ from the official kernels, as constructor arguments of the UNet and
@@ -88,9 +108,17 @@ class DDPM(pl.LightningModule):
     storage):
     `attention` "math" | "sdpa" (the kernel of the UNet's and the BERT encoder's attention, same maths),
     `gradient_checkpointing` (recompute UNet activations in backward: less memory, same numbers),
-    `frozen_weights` "fp32" | "bf16" (storage of the frozen weights, see `ldm/modules/frozen_weights.py`)
+    `frozen_weights` "fp32" | "fp16" | "bf16" (storage of the frozen weights, see `ldm/modules/frozen_weights.py`)
     and, for `LatentDiffusion`, `cache_first_stage` (exact; on by default for textual inversion).
+
+    With a `ckpt_path` that fills them (`checkpoint_fills`), the UNet and the two stages are built on the meta
+    device, without memory or random init, and get their storage as the checkpoint fills them, tensor by
+    tensor (`ldm.checkpoint.load_state_dict_into`): loading peaks near one copy of the weights.
     """
+
+    #: Build on the meta device? None: decide from the checkpoint arguments (`checkpoint_fills`). A subclass
+    #: may force it; `LatentDiffusion`, which loads its checkpoint itself, sets it before `DDPM.__init__`.
+    meta_init: bool | None = None
 
     def __init__(
         self,
@@ -131,6 +159,8 @@ class DDPM(pl.LightningModule):
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
+        if self.meta_init is None:
+            self.meta_init = checkpoint_fills(ckpt_path, ignore_keys, load_only_unet)
         check_frozen_weights(frozen_weights, unfreeze_model)
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got '{parameterization}'")
@@ -148,7 +178,8 @@ class DDPM(pl.LightningModule):
         self.channels = channels
         self.use_positional_encodings = use_positional_encodings
         unet_config = with_params(unet_config, kernel_options(attention, gradient_checkpointing))
-        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        with self.weights_device():
+            self.model = DiffusionWrapper(unet_config, conditioning_key)
         count_params(self.model, verbose=True)
         self.frozen_weights = frozen_weights
         self.store_if_frozen(self.model)
@@ -180,6 +211,19 @@ class DDPM(pl.LightningModule):
             self.register_buffer("logvar", logvar, persistent=False)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+            self.check_filled(ckpt_path)
+
+    def weights_device(self):
+        """The context the big submodules are built in: the meta device with `meta_init`, else as usual."""
+        return torch.device("meta") if self.meta_init else nullcontext()
+
+    def check_filled(self, ckpt_path) -> None:
+        """After the constructor's load: nothing built on the meta device may be left unfilled."""
+        left = [k for k, v in self.state_dict(keep_vars=True).items() if v.is_meta]
+        left += [k for k, v in self.named_buffers() if v.is_meta and k not in left]
+        if left:
+            raise CheckpointError(f"{ckpt_path} left {len(left)} tensors of {type(self).__name__} without "
+                                  f"values (built on the meta device): {', '.join(left[:5])}")
 
     def check_trainable(self) -> None:
         """A model whose weights are all stored frozen has nothing to train: say so before training."""
@@ -216,9 +260,9 @@ class DDPM(pl.LightningModule):
     def init_from_ckpt(self, path, ignore_keys=(), only_model=False):
         """Load a checkpoint strictly (see `ldm.checkpoint`); embedding-manager keys may be missing."""
         if only_model:
-            sd, _ = read_state_dict(path)
-            sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-            return load_state_dict_into(self.model, sd, ignore_keys=ignore_keys)
+            ckpt = open_checkpoint(path)
+            ckpt.tensors = {k[len("model."):]: v for k, v in ckpt.tensors.items() if k.startswith("model.")}
+            return load_state_dict_into(self.model, ckpt, ignore_keys=ignore_keys)
         return load_state_dict_into(self, path, ignore_keys=ignore_keys)
 
     @contextmanager
@@ -448,6 +492,9 @@ class LatentDiffusion(DDPM):
 
     With a `personalization_config` (Textual Inversion), the UNet and the text encoder are frozen and an
     embedding manager supplies the trainable pseudo-word vectors (`textual_inversion.py`).
+    `release_first_stage` (training only, off by default): at train start the latents of every training and
+    validation image are cached, then the autoencoder is freed; its decoder is read back from `ckpt_path`
+    while previews are drawn (`first_stage_release.py`).
     """
 
     def __init__(
@@ -464,6 +511,7 @@ class LatentDiffusion(DDPM):
         scale_factor=1.0,
         scale_by_std=False,
         cache_first_stage=None,
+        release_first_stage=False,
         *args,
         **kwargs,
     ):
@@ -480,6 +528,8 @@ class LatentDiffusion(DDPM):
             conditioning_key = None
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", ())
+        if self.meta_init is None:  # set before nn.Module.__init__, as num_timesteps_cond above
+            self.meta_init = checkpoint_fills(ckpt_path, ignore_keys)
         super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
         self.concat_mode = concat_mode
         self.cond_stage_trainable = cond_stage_trainable
@@ -492,9 +542,10 @@ class LatentDiffusion(DDPM):
             self.register_buffer("scale_factor", torch.tensor(scale_factor))
         else:
             self.scale_factor = scale_factor
-        self.instantiate_first_stage(first_stage_config)
         text_options = kernel_options(kwargs.get("attention", "math"))
-        self.instantiate_cond_stage(with_params(cond_stage_config, text_options, only_if_accepted=True))
+        with self.weights_device():
+            self.instantiate_first_stage(first_stage_config)
+            self.instantiate_cond_stage(with_params(cond_stage_config, text_options, only_if_accepted=True))
         self.store_if_frozen(self.first_stage_model)
         self.store_if_frozen(self.cond_stage_model)
         self.cond_stage_forward = cond_stage_forward
@@ -505,10 +556,20 @@ class LatentDiffusion(DDPM):
         if cache_first_stage is None:
             cache_first_stage = personalization_config is not None
         self.latent_cache = LatentCache() if cache_first_stage else None
+        self.first_stage_release = None
+        if release_first_stage:
+            if self.latent_cache is None or not isinstance(self.first_stage_model, AutoencoderKL):
+                raise ValueError("release_first_stage needs an AutoencoderKL first stage and the latent "
+                                 "cache (model.params.cache_first_stage)")
+            if ckpt_path is None or self.cond_stage_model is self.first_stage_model:
+                raise ValueError("release_first_stage reads the freed autoencoder back from "
+                                 "model.params.ckpt_path (set it) and needs a text encoder of its own")
+            self.first_stage_release = FirstStageRelease(ckpt_path)
         self.embedding_manager = None
         manager_state = {}
         if ckpt_path is not None:
             manager_state = self.init_from_ckpt(ckpt_path, ignore_keys)
+            self.check_filled(ckpt_path)
             self.restarted_from_ckpt = True
 
         if personalization_config is not None:
@@ -535,10 +596,12 @@ class LatentDiffusion(DDPM):
         if only_model:
             super().init_from_ckpt(path, ignore_keys, only_model=True)
             return {}
-        sd, _ = read_state_dict(path)
+        ckpt = open_checkpoint(path)
         prefix = "embedding_manager."
-        manager_state = {k[len(prefix):]: sd.pop(k) for k in list(sd) if k.startswith(prefix)}
-        load_state_dict_into(self, sd, ignore_keys=ignore_keys, source_name=str(path))
+        manager_keys = [k for k in ckpt.tensors if k.startswith(prefix)]
+        check_finite({k: ckpt.tensors[k] for k in manager_keys}, str(path))
+        manager_state = {k[len(prefix):]: ckpt.tensors.pop(k) for k in manager_keys}
+        load_state_dict_into(self, ckpt, ignore_keys=ignore_keys)
         return manager_state
 
     @torch.no_grad()
@@ -586,9 +649,13 @@ class LatentDiffusion(DDPM):
     @torch.no_grad()
     def encode_first_stage(self, x):
         if self.latent_cache is not None and isinstance(self.first_stage_model, AutoencoderKL):
-            moments = self.latent_cache.moments(x, lambda b: self.first_stage_model.encode(b).parameters)
-            return DiagonalGaussianDistribution(moments)
+            return DiagonalGaussianDistribution(self.latent_cache.moments(x, self.first_stage_moments))
         return self.first_stage_model.encode(x)
+
+    def first_stage_moments(self, x):
+        """Posterior moments [B, 2 * embed_dim, h, w] of images x from the autoencoder (what the cache
+        holds)."""
+        return self.first_stage_model.encode(x).parameters
 
     def differentiable_decode_first_stage(self, z, predict_cids=False, force_not_quantize=False):
         if predict_cids:
@@ -601,6 +668,46 @@ class LatentDiffusion(DDPM):
     @torch.no_grad()
     def decode_first_stage(self, z, predict_cids=False, force_not_quantize=False):
         return self.differentiable_decode_first_stage(z, predict_cids, force_not_quantize)
+
+    # -- release_first_stage (first_stage_release.py) ------------------------------------------------
+
+    def on_train_start(self):
+        """With `release_first_stage`: cache the latents of every image the train and validation loaders can
+        yield, then free the encoder and the decoder."""
+        if self.first_stage_release is None:
+            return
+        added = 0
+        for split, loader in loaders(self.trainer):
+            batch_size = getattr(loader, "batch_size", None) or 1
+            added += self.cache_images(distinct_images(getattr(loader, "dataset", loader), split), batch_size)
+        self.first_stage_release.free(self.first_stage_model, "encoder", "decoder")
+        left = sum(p.numel() for p in self.first_stage_model.parameters())
+        logger.info("release_first_stage: %d latents cached (%d in all); autoencoder freed, %d of its "
+                    "parameters left", added, len(self.latent_cache), left)
+
+    @torch.no_grad()
+    def cache_images(self, arrays, batch_size: int) -> int:
+        """Put the latent moments of `arrays` (images [H, W, C] as a dataset yields them) in the latent cache:
+        those not cached yet, encoded `batch_size` at a time (the last batch filled up with others), as
+        training batches of that size encode them. Returns how many were added."""
+        if not len(arrays):
+            return 0
+        images = DDPM.get_input(self, {self.first_stage_key: stack_images(arrays)}, self.first_stage_key)
+        new, seen = [], set()
+        for i, x in enumerate(images):
+            key = LatentCache.key(x)
+            if key not in self.latent_cache and key not in seen:
+                seen.add(key)
+                new.append(i)
+        for group in padded_batches(len(new), batch_size):
+            batch = images[[new[i] for i in group]].to(self.device)
+            self.latent_cache.moments(batch, self.first_stage_moments)
+        return len(new)
+
+    def restore_first_stage(self) -> None:
+        """Read back from `ckpt_path` what `release_first_stage` freed (a no-op when nothing is freed)."""
+        if self.first_stage_release is not None:
+            self.first_stage_release.restore(self.first_stage_model, self.device)
 
     # -- conditioning --------------------------------------------------------------------------------
 
@@ -819,6 +926,7 @@ class LatentDiffusion(DDPM):
         return DDIMSampler(self).sample(ddim_steps, batch_size, shape, cond, verbose=False, **kwargs)
 
     @torch.no_grad()
+    @with_decoder
     def log_images(self, batch, N=8, n_row=4, sample=True, ddim_steps=200, ddim_eta=1.0, return_keys=None,
                    quantize_denoised=True, inpaint=False, plot_denoise_rows=False, plot_progressive_rows=False,
                    plot_diffusion_rows=False, unconditional_guidance_scale=5.0, split=None, ddim=None):
@@ -876,6 +984,10 @@ class LatentDiffusion(DDPM):
     # -- checkpoints (Textual Inversion) -------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint):
+        release = self.first_stage_release
+        if release is not None and release.freed and (self.embedding_manager is None or self.unfreeze_model):
+            # A full checkpoint gets the freed weights, read back (a slim one holds no frozen weights).
+            checkpoint["state_dict"].update(release.freed_state_dict(self.first_stage_model, self.device))
         if self.embedding_manager is None:
             return
         # The progressive-words schedule position, so --resume continues it (the reference restarted it,
@@ -891,6 +1003,7 @@ class LatentDiffusion(DDPM):
             save_embedding_files(self.embedding_manager, dirpath, self.global_step)
 
     def on_load_checkpoint(self, checkpoint):
+        self.restore_first_stage()  # load into the whole model
         if checkpoint.pop("textual_inversion_slim", False):
             checkpoint["state_dict"] = complete_state_dict(checkpoint["state_dict"], self.state_dict())
         if self.embedding_manager is not None and PROGRESSIVE_COUNTER_KEY in checkpoint:  # absent in older files

@@ -6,6 +6,10 @@ deterministic, so its output moments (mean, logvar) for a given image never chan
 *sample* is random. This cache stores the moments per distinct input image (keyed by the bytes of the
 [C, H, W] tensor) and the model still draws the sample from them every step, with the same noise as
 before: losses are identical to the uncached path for the same noise (tested).
+
+A batch with an image not cached yet is encoded whole, as the uncached step encodes it: a convolution's
+last bits can depend on the batch size (on the CPU one image alone differs from the same image in a pair),
+though not on the other images of a batch of the same size (tests/test_release_first_stage.py).
 """
 
 from __future__ import annotations
@@ -33,15 +37,18 @@ class LatentCache:
         t = image.detach().to("cpu", torch.float32).contiguous()
         return hashlib.blake2b(t.numpy().tobytes() + str(tuple(t.shape)).encode(), digest_size=16).digest()
 
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._store
+
     def moments(self, images: torch.Tensor, encode) -> torch.Tensor:
-        """Moments for a batch [B, C, H, W]: cached ones reused, the others computed by `encode` (a
-        function of a batch returning moments [b, 2 * z, h, w]) in one call and stored."""
+        """Moments for a batch [B, C, H, W]: cached ones reused; if any is missing, `encode` (a function of a
+        batch returning moments [B, 2 * z, h, w]) computes the whole batch and the missing ones are stored."""
         keys = [self.key(x) for x in images]
         missing = [i for i, k in enumerate(keys) if k not in self._store]
         if missing:
-            fresh = encode(images[missing]).detach()
-            for i, m in zip(missing, fresh, strict=True):
-                self._store[keys[i]] = m
+            fresh = encode(images).detach()
+            for i in missing:
+                self._store[keys[i]] = fresh[i].clone()
             while len(self._store) > self.max_items:
                 self._store.popitem(last=False)
         self.hits += len(keys) - len(missing)
