@@ -8,6 +8,9 @@ files in their text metadata; a seed always (recorded when drawn at random); sev
 once; optional starting noise from a file; any device (the official scripts assumed CUDA,
 docs/DIFFERENCES.md#samplers-any-device); the SD script's `--from-file` grid bug
 (#stable-txt2img-fixes) and the LDM script's hard-coded config (#txt2img-seed-and-config) are gone.
+Additions (#sampling-additions): `--negative_prompt` (and `PROMPT --neg NEGATIVE` lines in `--from-file`)
+for the unconditional branch, A1111-style prompt weighting (`ldm.prompt_weighting`), and the
+DPM-Solver++(2M) sampler (`--sampler dpmpp2m`).
 """
 
 from __future__ import annotations
@@ -28,21 +31,39 @@ from ldm.checkpoint import read_file
 from ldm.image_grid import make_grid, save_image, to_uint8
 from ldm.loading import load_model
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.dpm_solver import DPMSolverPlusPlusSampler
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.prompt_weighting import weighted_conditioning
 from ldm.scripts_common import default_device
 
 logger = logging.getLogger(__name__)
+
+#: --sampler names and their classes (same `sample` interface)
+SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpmpp2m": DPMSolverPlusPlusSampler}
+#: the separator of a prompt and its negative prompt on a --from-file line
+NEGATIVE_SEPARATOR = "--neg"
+_NEG_SPLIT = re.compile(r"(?:^|\s)" + re.escape(NEGATIVE_SEPARATOR) + r"(?:\s|$)")
 
 
 def build_parser(description: str, defaults: dict) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar")
-    p.add_argument("--from-file", type=str, default=None, help="one prompt per line, batched by n_samples")
+    p.add_argument("--from-file", type=str, default=None,
+                   help="one prompt per line, batched by n_samples; 'PROMPT --neg NEGATIVE' gives a line its own "
+                        "negative prompt")
+    p.add_argument("--negative_prompt", type=str, default="",
+                   help="prompt of the unconditional guidance branch (default: empty, as the official scripts)")
+    p.add_argument("--no_prompt_weighting", action="store_true",
+                   help="read brackets literally: no (word:1.2) / (word) / [word] weighting")
+    p.add_argument("--weighting_restore_mean", action="store_true",
+                   help="after weighting, rescale each conditioning to its unweighted mean (as A1111)")
     p.add_argument("--outdir", type=str, nargs="?", default=defaults["outdir"])
     p.add_argument("--skip_grid", action="store_true", help="do not save a grid")
     p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
     p.add_argument("--ddim_steps", type=int, default=defaults["ddim_steps"])
-    p.add_argument("--plms", action="store_true", help="use PLMS sampling")
+    p.add_argument("--sampler", type=str, choices=sorted(SAMPLERS), default=None,
+                   help="sampler (default: ddim); --ddim_steps is its step count")
+    p.add_argument("--plms", action="store_true", help="use PLMS sampling (the same as --sampler plms)")
     p.add_argument("--fixed_code", action="store_true", help="one starting noise shared by all rounds")
     p.add_argument("--ddim_eta", type=float, default=0.0)
     p.add_argument("--n_iter", type=int, default=defaults["n_iter"], help="sampling rounds")
@@ -66,12 +87,45 @@ def build_parser(description: str, defaults: dict) -> argparse.ArgumentParser:
     return p
 
 
+def split_negative(line: str, default: str = "") -> tuple[str, str]:
+    """A --from-file line -> (prompt, negative prompt): split at the first `--neg` standing alone
+    (whitespace or the line's ends around it); without one the negative prompt is `default`."""
+    m = _NEG_SPLIT.search(line)
+    if m is None:
+        return line.strip(), default
+    return line[: m.start()].strip(), line[m.end():].strip()
+
+
+def read_prompt_pairs(opt) -> list[list[tuple[str, str]]]:
+    """Batches of n_samples (prompt, negative prompt): the same pair repeated, or the lines of --from-file."""
+    negative = getattr(opt, "negative_prompt", "") or ""
+    if not opt.from_file:
+        return [opt.n_samples * [(opt.prompt, negative)]]
+    lines = [split_negative(line, negative) for line in Path(opt.from_file).read_text().splitlines()
+             if line.strip()]
+    return [lines[i : i + opt.n_samples] for i in range(0, len(lines), opt.n_samples)]
+
+
 def read_prompts(opt) -> list[list[str]]:
     """Batches of n_samples prompts: the same prompt repeated, or the lines of --from-file."""
-    if not opt.from_file:
-        return [opt.n_samples * [opt.prompt]]
-    lines = [line.strip() for line in Path(opt.from_file).read_text().splitlines() if line.strip()]
-    return [lines[i : i + opt.n_samples] for i in range(0, len(lines), opt.n_samples)]
+    return [[p for p, _ in batch] for batch in read_prompt_pairs(opt)]
+
+
+def sampler_name(opt) -> str:
+    """--sampler, with --plms as an alias of `--sampler plms`; ddim by default."""
+    chosen = getattr(opt, "sampler", None)
+    if getattr(opt, "plms", False):
+        if chosen not in (None, "plms"):
+            raise ValueError(f"--plms with --sampler {chosen}: give one of them")
+        return "plms"
+    return chosen or "ddim"
+
+
+def conditioning(model, opt, prompts: list[str]):
+    """The conditioning of `prompts`, weighted unless --no_prompt_weighting."""
+    if getattr(opt, "no_prompt_weighting", False):
+        return model.get_learned_conditioning(prompts)
+    return weighted_conditioning(model, prompts, restore_mean=getattr(opt, "weighting_restore_mean", False))
 
 
 def slug(text: str) -> str:
@@ -98,8 +152,13 @@ def check_flags(opt) -> None:
             raise ValueError(f"--{flag} {getattr(opt, flag)}: expected a finite number")
     if opt.ddim_eta < 0:
         raise ValueError(f"--ddim_eta {opt.ddim_eta}: expected a number >= 0 (0 is deterministic DDIM)")
-    if opt.plms and opt.ddim_eta != 0:
-        raise ValueError(f"--plms with --ddim_eta {opt.ddim_eta}: PLMS is deterministic; leave out --ddim_eta")
+    sampler = sampler_name(opt)
+    if sampler == "plms" and opt.ddim_eta != 0:
+        flag = "--plms" if opt.plms else "--sampler plms"
+        raise ValueError(f"{flag} with --ddim_eta {opt.ddim_eta}: PLMS is deterministic; leave out --ddim_eta")
+    if sampler == "dpmpp2m" and opt.ddim_eta != 0:
+        raise ValueError(f"--sampler dpmpp2m with --ddim_eta {opt.ddim_eta}: DPM-Solver++ is deterministic; "
+                         "leave out --ddim_eta")
     for flag in ("prompt",):
         if not opt.from_file and not (getattr(opt, flag) or "").strip():
             raise ValueError("--prompt is empty; give a prompt, e.g. --prompt 'a photo of *'")
@@ -107,8 +166,12 @@ def check_flags(opt) -> None:
         path = Path(opt.from_file)
         if not path.is_file():
             raise ValueError(f"--from-file {opt.from_file}: no such file")
-        if not any(line.strip() for line in path.read_text().splitlines()):
+        lines = path.read_text().splitlines()
+        if not any(line.strip() for line in lines):
             raise ValueError(f"--from-file {opt.from_file}: the file holds no prompt")
+        for i, line in enumerate(lines, 1):
+            if line.strip() and not split_negative(line)[0]:
+                raise ValueError(f"--from-file {opt.from_file}, line {i}: no prompt before '--neg'")
     out = Path(opt.outdir)
     for q in (out, *out.parents):
         if q.exists():
@@ -153,8 +216,12 @@ def run(opt, overrides: list[str]) -> list[Path]:
     steps = int(getattr(model, "num_timesteps", 1000))
     if opt.ddim_steps > steps:
         raise ValueError(f"--ddim_steps {opt.ddim_steps}: more than the model's {steps} diffusion steps")
-    sampler = (PLMSSampler if opt.plms else DDIMSampler)(model)
-    batches = read_prompts(opt)
+    name = sampler_name(opt)
+    sampler = SAMPLERS[name](model)
+    pairs = read_prompt_pairs(opt)
+    batches = [[p for p, _ in batch] for batch in pairs]
+    if opt.scale == 1.0 and any(neg for batch in pairs for _, neg in batch):
+        logger.warning("warning: --scale 1.0 turns classifier-free guidance off: the negative prompt is unused")
     shape = (opt.C, opt.H // opt.f, opt.W // opt.f)
     torch.manual_seed(seed)  # the reference's seed_everything: the sampler's noise draws follow it
     start_code = None
@@ -169,7 +236,7 @@ def run(opt, overrides: list[str]) -> list[Path]:
     base_count = len([p for p in sample_dir.iterdir() if p.suffix == ".png"])
     grid_count = len([p for p in Path(opt.outdir).iterdir() if p.suffix == ".png"])
     info = {"seed": seed, "scale": opt.scale, "steps": opt.ddim_steps, "eta": opt.ddim_eta,
-            "sampler": "plms" if opt.plms else "ddim", "ckpt": opt.ckpt, "config": opt.config,
+            "sampler": name, "ckpt": opt.ckpt, "config": opt.config,
             "embeddings": json.dumps(embeddings), "size": f"{opt.W}x{opt.H}"}
     # "autocast" as the reference: half-precision matmuls on an accelerator; the CPU always runs in full
     precision = torch.autocast(device.type) if opt.precision == "autocast" and device.type != "cpu" \
@@ -177,20 +244,22 @@ def run(opt, overrides: list[str]) -> list[Path]:
     written, images, latents = [], [], []
     with torch.no_grad(), precision, model.ema_scope():
         for _ in tqdm(range(opt.n_iter), desc="Sampling"):
-            for prompts in batches:
+            for batch in pairs:
+                prompts, negatives = [p for p, _ in batch], [neg for _, neg in batch]
                 n = len(prompts)
-                uc = model.get_learned_conditioning(n * [""]) if opt.scale != 1.0 else None
-                c = model.get_learned_conditioning(prompts)
+                uc = conditioning(model, opt, negatives) if opt.scale != 1.0 else None
+                c = conditioning(model, opt, prompts)
                 x_T = start_code[:n] if start_code is not None else None
                 z, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=n, shape=shape, verbose=False,
                                       unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
                                       eta=opt.ddim_eta, x_T=x_T)
                 x = ((model.decode_first_stage(z.float()) + 1.0) / 2.0).clamp(0.0, 1.0).cpu()
                 latents.append(z.float().cpu())
-                for prompt, image in zip(prompts, x, strict=True):
+                for prompt, negative, image in zip(prompts, negatives, x, strict=True):
                     if not opt.skip_save:
                         path = sample_dir / f"{base_count:05}.png"
-                        save_image(to_uint8(image), path, text={**info, "prompt": prompt, "index": base_count})
+                        save_image(to_uint8(image), path, text={**info, "prompt": prompt, "negative_prompt": negative,
+                                                                "index": base_count})
                         written.append(path)
                     base_count += 1
                 images.append(x)
