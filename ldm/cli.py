@@ -12,6 +12,7 @@ import datetime
 import glob
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,11 +109,25 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--early_stopping", type=str2bool, nargs="?", const=True, default=False,
                    help="stop when the loss on a fixed batch plateaus (ldm.early_stopping; its settings are "
                         "lightning.callbacks.early_stopping.params.*)")
+    v = p.add_argument_group("validation previews (ldm.validation_previews; they replace the image logger)")
+    v.add_argument("--validation_prompts", nargs="+", default=[], metavar="PROMPT",
+                   help="prompts rendered from fixed starting noise every --validation_every steps; a value "
+                        "naming a file stands for its lines")
+    v.add_argument("--validation_every", type=int, default=None,
+                   help="render every N optimizer steps (default: a tenth of max_steps)")
+    v.add_argument("--validation_samples", type=int, default=4, help="images per prompt")
+    v.add_argument("--validation_sampler", choices=["dpmpp2m", "ddim", "plms"], default="dpmpp2m")
+    v.add_argument("--validation_steps", type=int, default=20, help="sampler steps")
+    v.add_argument("--validation_scale", type=float, default=5.0, help="classifier-free guidance scale")
+    v.add_argument("--validation_negative_prompt", type=str, default="",
+                   help="prompt of the unconditional branch")
     for flag, kind in TRAINER_FLAGS.items():
         p.add_argument(f"--{flag}", type=kind, default=None, help=argparse.SUPPRESS)
     return p
 
 
+#: a config override on the command line: `key.path=value`, no spaces in the key
+OVERRIDE = re.compile(r"[A-Za-z_][\w.\[\]-]*=\S*")
 BOOL_FLAGS = ("-t", "--train", "--no-test", "-d", "--debug", "--scale_lr", "--datadir_in_name",
               "--gradient_checkpointing", "--cache_first_stage", "--early_stopping")
 _BOOL_WORDS = {"yes", "true", "t", "y", "1", "no", "false", "f", "n", "0"}
@@ -133,7 +148,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
             fixed.append("True")
     from ldm.scripts_common import one_line_parser
 
-    return one_line_parser("main.py", get_parser()).parse_known_args(fixed)
+    opt, unknown = one_line_parser("main.py", get_parser()).parse_known_args(fixed)
+    # `--validation_prompts a b key.path=value`: the list swallows the overrides that follow it
+    overrides = [v for v in opt.validation_prompts if OVERRIDE.fullmatch(v)]
+    opt.validation_prompts = [v for v in opt.validation_prompts if not OVERRIDE.fullmatch(v)]
+    return opt, sorted([*overrides, *unknown], key=fixed.index)
 
 
 # ---------------------------------------------------------------------------------------------------

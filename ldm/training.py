@@ -52,6 +52,7 @@ from ldm.util import atomic_write, get_obj_from_str, instantiate_from_config
 logger = logging.getLogger(__name__)
 
 EARLY_STOPPING = "ldm.early_stopping.ObjectiveEarlyStopping"
+VALIDATION_PREVIEWS = "ldm.validation_previews.ValidationPreviews"
 
 
 @dataclass
@@ -90,6 +91,13 @@ class TrainOptions:
     cache_first_stage: bool | None = None
     lean: bool = False
     early_stopping: bool = False
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_every: int | None = None
+    validation_samples: int = 4
+    validation_sampler: str = "dpmpp2m"
+    validation_steps: int = 20
+    validation_scale: float = 5.0
+    validation_negative_prompt: str = ""
     project: str | None = None  # accepted for command-line compatibility; unused, as in the reference
 
     @classmethod
@@ -180,6 +188,8 @@ def prepare(opts: TrainOptions) -> TrainingJob:
     if opts.early_stopping:  # the callback with its defaults, unless the config already configures it
         lightning_config = OmegaConf.merge({"callbacks": {"early_stopping": {"target": EARLY_STOPPING}}},
                                            lightning_config)
+    if opts.validation_prompts:
+        lightning_config = OmegaConf.merge(lightning_config, validation_callbacks(opts))
     trainer_cfg = trainer_settings(dict(lightning_config.get("trainer", None) or {}), opts.trainer)
     check_trainer_settings(trainer_cfg, opts.trainer)
     apply_overrides(config, opts)
@@ -195,6 +205,22 @@ def prepare(opts: TrainOptions) -> TrainingJob:
     model = instantiate_from_config(config.model)
     lightning_config.trainer = trainer_cfg
     return TrainingJob(dirs, config, lightning_config, trainer_cfg, data, model)
+
+
+def validation_callbacks(opts: TrainOptions) -> DictConfig:
+    """`--validation_prompts`: the `ValidationPreviews` callback with the flags' settings and the run's seed,
+    checked now (a bad value is a UsageError before anything is written); it replaces the reference's
+    image logger, whose previews sample 200 DDIM steps from fresh noise."""
+    params = {"prompts": list(opts.validation_prompts), "every": opts.validation_every,
+              "samples": opts.validation_samples, "sampler": opts.validation_sampler,
+              "steps": opts.validation_steps, "scale": opts.validation_scale,
+              "negative_prompt": opts.validation_negative_prompt, "seed": opts.seed}
+    try:
+        get_obj_from_str(VALIDATION_PREVIEWS)(**params)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return OmegaConf.create({"callbacks": {"validation_previews": {"target": VALIDATION_PREVIEWS, "params": params},
+                                           "image_logger": {"params": {"disabled": True}}}})
 
 
 def check_training_values(config: DictConfig, opts: TrainOptions) -> None:

@@ -5,6 +5,9 @@
 3. sample prompts that put `*` in new settings, score every sample with the attribute scorer;
 4. write a contact sheet (training images, then one row per prompt) and a metrics JSON.
 
+While it trains, validation previews (`--validation_prompts`) render two of the prompts from fixed noise every
+`--validation_every` steps: `<outdir>/logs/<run>/validation/*/contact_sheet.png` shows the word forming.
+
     python scripts/toy_demo.py [--ckpt models/toy/toy_ldm.safetensors] [--steps 300] [--seed 23]
 """
 
@@ -43,6 +46,7 @@ def parser():
     p.add_argument("--samples", type=int, default=8, help="samples per prompt")
     p.add_argument("--seed", type=int, default=23)
     p.add_argument("--outdir", default="outputs/toy_demo")
+    p.add_argument("--validation_every", type=int, default=30, help="steps between validation previews")
     return p
 
 
@@ -54,8 +58,9 @@ def run(opt, overrides):
     t0, out = time.time(), Path(opt.outdir)
     images = [path for path, _ in write_concept_images(out / "data", opt.shape, n=5, seed=opt.seed)]
     run = train(opt.config, actual_resume=opt.ckpt, name="toy_demo", data_root=str(out / "data"),
-                logdir=str(out / "logs"), seed=opt.seed, trainer={"max_steps": opt.steps}, no_test=True)
-    embeddings = run.embeddings
+                logdir=str(out / "logs"), seed=opt.seed, trainer={"max_steps": opt.steps}, no_test=True,
+                validation_prompts=[PROMPTS[0][0], PROMPTS[2][0]], validation_every=opt.validation_every)
+    embeddings, previews = run.embeddings, run.logdir / "validation"
     del run  # the trained model; sampling uses a fresh one in eval mode with the saved file, as before
     model = load_model(opt.config, opt.ckpt, attention="sdpa")
     model.embedding_manager.load(embeddings)
@@ -79,6 +84,7 @@ def run(opt, overrides):
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(json.dumps(metrics, indent=1))
     print(f"contact sheet: {out / 'contact_sheet.png'}")
+    print(f"validation previews over steps: {previews}/*/contact_sheet.png")
 
 
 if __name__ == "__main__":
