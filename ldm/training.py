@@ -61,9 +61,9 @@ class TrainOptions:
 
     `overrides` are `key.path=value` config overrides; `trainer` holds the trainer flags (`max_steps`,
     `gpus`, `precision`, ...), which win over `lightning.trainer` in the YAML. The speed options
-    `attention`, `gradient_checkpointing`, `frozen_weights` and `cache_first_stage` are model options
-    (`model.params.*`); None keeps the config's value, except `attention`, which is "sdpa" unless the
-    config sets it. `lean` fills the ones left None from `ldm.loading.LEAN_OPTIONS` (the low-memory preset).
+    `attention`, `gradient_checkpointing`, `frozen_weights`, `cache_first_stage` and `channels_last` are
+    model options (`model.params.*`); None keeps the config's value, except `attention` ("sdpa") and
+    `channels_last` (on), which apply unless the config sets them. `lean` fills the ones left None from `ldm.loading.LEAN_OPTIONS` (the low-memory preset).
     """
 
     base: list[str] = field(default_factory=list)
@@ -89,6 +89,7 @@ class TrainOptions:
     gradient_checkpointing: bool | None = None
     frozen_weights: str | None = None
     cache_first_stage: bool | None = None
+    channels_last: bool | None = None
     lean: bool = False
     early_stopping: bool = False
     validation_prompts: list[str] = field(default_factory=list)

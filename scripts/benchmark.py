@@ -83,7 +83,7 @@ def variant_options(variant: str, model_params) -> dict:
     switches = set(variant.split("+"))
     frozen = "bf16" if "bf16w" in switches else "fp16" if "fp16w" in switches else "fp32"
     return {"attention": "sdpa" if "sdpa" in switches else "math", "gradient_checkpointing": "ckpt" in switches,
-            "cache_first_stage": "cache" in switches, "frozen_weights": frozen}
+            "cache_first_stage": "cache" in switches, "frozen_weights": frozen, "channels_last": "cl" in switches}
 
 
 def build(opt, overrides, variant: str):
@@ -136,8 +136,6 @@ def child(opt, overrides) -> dict:
     model = build(opt, overrides, variant)
     build_s = time.perf_counter() - t0
     unet = model.model.diffusion_model
-    if "cl" in switches:
-        unet.to(memory_format=torch.channels_last)
     if "compile" in switches:
         model.model.diffusion_model = torch.compile(unet)
     opt_ = model.configure_optimizers()

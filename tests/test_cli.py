@@ -358,6 +358,7 @@ def test_speed_flags_become_model_options():
     config = _sd_config()
     apply_overrides(config, opts())
     assert config.model.params.attention == "sdpa"  # main.py's default kernel
+    assert config.model.params.channels_last is True  # and layout
     for key in ("gradient_checkpointing", "frozen_weights", "cache_first_stage"):
         assert key not in config.model.params  # unset flags leave the config's (or the model's) default
     config = _sd_config()
@@ -368,8 +369,12 @@ def test_speed_flags_become_model_options():
     assert (params.attention, params.gradient_checkpointing, params.frozen_weights, params.cache_first_stage) == (
         "math", True, "bf16", False)  # the config's kernel is kept when no flag says otherwise
     config = _sd_config()
-    apply_overrides(config, opts("--attention", "math"))
-    assert config.model.params.attention == "math"
+    apply_overrides(config, opts("--attention", "math", "--channels_last", "false"))
+    assert config.model.params.attention == "math" and config.model.params.channels_last is False
+    config = _sd_config()
+    config.model.params.channels_last = False
+    apply_overrides(config, opts())
+    assert config.model.params.channels_last is False  # the config's layout is kept when no flag says otherwise
 
 
 def test_lean_fills_the_speed_options_not_given():

@@ -8,7 +8,7 @@ import torch
 from conftest import PARITY_NAMES, assert_close, build_parity_model, fixture_path
 from safetensors.torch import load_file
 
-from ldm.modules.frozen_weights import store_frozen_weights
+from ldm.modules.frozen_weights import UpcastBuffer, store_frozen_weights
 
 
 @pytest.fixture(scope="module", params=PARITY_NAMES)
@@ -81,6 +81,53 @@ def test_gradient_checkpointing_matches(case):
     loss, grad = step(checkpointed, batch, f)
     assert_close(loss, ref_loss, rtol=1e-6, atol=0, what="loss")
     assert_close(grad, ref_grad, rtol=1e-5, atol=1e-8, what="grad")
+
+
+def unet_convs_channels_last(model) -> list[bool]:
+    return [m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+            for m in model.model.diffusion_model.modules() if isinstance(m, torch.nn.Conv2d)
+            and m.weight.shape[-1] > 1]
+
+
+def test_channels_last_matches(case):
+    model, batch, f, name = case
+    ref_loss, ref_grad = step(model, batch, f)
+    nhwc = with_options(model, name, channels_last=True)
+    assert all(unet_convs_channels_last(nhwc)) and not any(unet_convs_channels_last(model))
+    loss, grad = step(nhwc, batch, f)
+    assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6, what="loss")
+    assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7, what="grad")
+
+
+def test_channels_last_after_a_checkpoint_load_and_with_16bit_weights(case, tmp_path):
+    """A model built from a checkpoint (meta device, tensors assigned from the file) is channels-last after
+    the load; 16-bit stored weights stay channels-last and are upcast in that layout, same step."""
+    model, batch, f, name = case
+    from conftest import parity_config
+
+    from ldm.util import instantiate_from_config
+
+    path = tmp_path / "base.ckpt"
+    torch.save({"state_dict": {k: v for k, v in model.state_dict().items()
+                               if not k.startswith("embedding_manager.")}}, path)
+    built = {}
+    for layout in (False, True):
+        cfg = parity_config(name)
+        cfg.model.params.update(ckpt_path=str(path), frozen_weights="fp16", channels_last=layout)
+        built[layout] = instantiate_from_config(cfg.model)
+        with torch.no_grad():
+            built[layout].embedding_manager.string_to_param_dict["*"].copy_(
+                model.embedding_manager.string_to_param_dict["*"])
+    assert all(unet_convs_channels_last(built[True])) and not any(unet_convs_channels_last(built[False]))
+    weight = next(m.weight for m in built[True].model.diffusion_model.modules()
+                  if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1)
+    assert weight.dtype == torch.float16
+    upcast = UpcastBuffer().upcast(weight, torch.float32)
+    assert upcast.is_contiguous(memory_format=torch.channels_last) and torch.equal(upcast, weight.float())
+    ref_loss, ref_grad = step(built[False], batch, f)
+    loss, grad = step(built[True], batch, f)
+    assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6, what="loss")
+    assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7, what="grad")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

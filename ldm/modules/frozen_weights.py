@@ -50,6 +50,10 @@ class UpcastBuffer:
         data, n = self._data, weight.numel()
         if data is None or data.numel() < n or data.dtype != dtype or data.device != weight.device:
             data = self._data = torch.empty(n, dtype=dtype, device=weight.device)
+        nhwc = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
+        if nhwc and not weight.is_contiguous():  # a channels-last weight stays channels-last
+            k, c, h, w = weight.shape
+            return data[:n].view(k, h, w, c).permute(0, 3, 1, 2).copy_(weight)
         return data[:n].view(weight.shape).copy_(weight)
 
 

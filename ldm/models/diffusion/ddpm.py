@@ -108,8 +108,9 @@ class DDPM(pl.LightningModule):
     storage):
     `attention` "math" | "sdpa" (the kernel of the UNet's and the BERT encoder's attention, same maths),
     `gradient_checkpointing` (recompute UNet activations in backward: less memory, same numbers),
-    `frozen_weights` "fp32" | "fp16" | "bf16" (storage of the frozen weights, see `ldm/modules/frozen_weights.py`)
-    and, for `LatentDiffusion`, `cache_first_stage` (exact; on by default for textual inversion).
+    `frozen_weights` "fp32" | "fp16" | "bf16" (storage of the frozen weights, see `ldm/modules/frozen_weights.py`),
+    `channels_last` (the UNet's weights and activations in NHWC: float-tolerance equal, faster convolutions
+    on CPU) and, for `LatentDiffusion`, `cache_first_stage` (exact; on by default for textual inversion).
 
     With a `ckpt_path` that fills them (`checkpoint_fills`), the UNet and the two stages are built on the meta
     device, without memory or random init, and get their storage as the checkpoint fills them, tensor by
@@ -157,6 +158,7 @@ class DDPM(pl.LightningModule):
         frozen_weights: str = "fp32",
         attention: str = "math",
         gradient_checkpointing: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__()
         if self.meta_init is None:
@@ -212,6 +214,14 @@ class DDPM(pl.LightningModule):
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
             self.check_filled(ckpt_path)
+        self.channels_last = bool(channels_last)
+        self.apply_memory_format()
+
+    def apply_memory_format(self) -> None:
+        """With `channels_last`, store the UNet's 4-D weights channels-last (NHWC), after any load that
+        assigned contiguous tensors; its convolutions then run, and hand on their outputs, in that layout."""
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
     def weights_device(self):
         """The context the big submodules are built in: the meta device with `meta_init`, else as usual."""
@@ -571,6 +581,7 @@ class LatentDiffusion(DDPM):
             manager_state = self.init_from_ckpt(ckpt_path, ignore_keys)
             self.check_filled(ckpt_path)
             self.restarted_from_ckpt = True
+            self.apply_memory_format()
 
         if personalization_config is not None:
             # Textual Inversion: the manager is built after the weights are loaded, so its initial vectors
