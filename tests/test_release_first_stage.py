@@ -198,6 +198,18 @@ def recording(original, record, kind, count):
     return wrapper
 
 
+class ReadRecorder(dict):
+    """A checkpoint's tensors that report every key read."""
+
+    def __init__(self, tensors, report):
+        super().__init__(tensors)
+        self.report = report
+
+    def __getitem__(self, key):
+        self.report(key)
+        return super().__getitem__(key)
+
+
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory):
     """12 steps (two epochs) without and with the option, the latter also stopped at 4 (mid-epoch) and
@@ -214,8 +226,15 @@ def runs(tiny, tmp_path_factory):
                            ("log_images", "preview")):
             count = (lambda self: 1) if kind == "preview" else (lambda self: n_params(self.first_stage_model))
             mp.setattr(LatentDiffusion, name, recording(getattr(LatentDiffusion, name), record, kind, count))
-        read = release_module.read_state_dict
-        mp.setattr(release_module, "read_state_dict", lambda path: (record("read", str(path)), read(path))[1])
+        opened = release_module.open_checkpoint
+
+        def open_recorded(path):
+            ckpt = opened(path)
+            record("read", str(path))
+            ckpt.tensors = ReadRecorder(ckpt.tensors, lambda key: record("read_key", key))
+            return ckpt
+
+        mp.setattr(release_module, "open_checkpoint", open_recorded)
         out = {}
         quiet = (RELEASE, "lightning.callbacks.image_logger.params.disabled=true")
         for key, steps, extra in (("off", 12, ()), ("on", 12, (RELEASE,)), ("first", 4, (RELEASE,)),
@@ -258,6 +277,10 @@ def test_autoencoder_is_out_of_memory_during_steps(runs):
     assert seen["on"]["decode"] and set(seen["on"]["decode"]) == {decoder}  # previews hold the decoder only
     assert len(seen["on"]["read"]) == len(seen["on"]["preview"]) == 6  # one checkpoint read per preview
     assert set(seen["on"]["read"]) == {str(out["on"].model.first_stage_release.ckpt_path)}
+    # the mapped checkpoint is read for the decoder's tensors only, not loaded whole
+    wanted = {f"first_stage_model.{name}.{key}" for name in PARTS["decoder"]
+              for key in getattr(out["off"].model.first_stage_model, name).state_dict()}
+    assert set(seen["on"]["read_key"]) == wanted
     assert n_params(out["on"].model.first_stage_model) == 0
     assert "read" not in seen["quiet"] and "decode" not in seen["quiet"]  # previews off: never read back
     assert seen["quiet"]["step"] == [0] * 2

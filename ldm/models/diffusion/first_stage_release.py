@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ldm.checkpoint import CheckpointError, read_state_dict
+from ldm.checkpoint import CheckpointError, check_finite, open_checkpoint
 
 OPTION = "model.params.release_first_stage"
 #: The first-stage submodules freed together, by the half of the autoencoder they belong to.
@@ -81,6 +81,12 @@ class Freed:
     digest: str
 
 
+def release(ckpt, tensor: torch.Tensor) -> None:
+    """Give back the file pages of a checkpoint tensor once it has been copied (a mapped checkpoint only)."""
+    if ckpt.pages is not None:
+        ckpt.pages.release(tensor)
+
+
 class FirstStageRelease:
     """The freed submodules of one model's first stage and how to read them back from `ckpt_path`."""
 
@@ -118,7 +124,8 @@ class FirstStageRelease:
         names = [n for part in (parts or PARTS) for n in PARTS[part] if n in self.freed]
         if not names:
             return
-        sd, _ = read_state_dict(self.ckpt_path)
+        ckpt = open_checkpoint(self.ckpt_path)  # mapped: only the tensors read below become resident
+        sd = ckpt.tensors
         for name in names:
             freed, prefix = self.freed[name], f"first_stage_model.{name}."
             absent = [k for k in freed.shapes if prefix + k not in sd]
@@ -126,6 +133,7 @@ class FirstStageRelease:
                 raise CheckpointError(f"{self.ckpt_path} has no {prefix}{absent[0]} ({len(absent)} keys "
                                       f"missing), needed to read back what {OPTION} freed")
             values = {k: sd[prefix + k] for k in freed.shapes}
+            check_finite({prefix + k: v for k, v in values.items()}, self.ckpt_path)
             bad = [k for k, shape in freed.shapes.items() if tuple(values[k].shape) != shape]
             if bad:
                 shape = tuple(values[bad[0]].shape)
@@ -136,9 +144,11 @@ class FirstStageRelease:
                 for key, p in sub._parameters.items():
                     if p is not None:
                         p.data = values[at + key].to(device=device, dtype=p.dtype, copy=True)
+                        release(ckpt, values[at + key])
                 for key, b in sub._buffers.items():
                     if b is not None and key not in sub._non_persistent_buffers_set:
                         sub._buffers[key] = values[at + key].to(device=device, dtype=b.dtype, copy=True)
+                        release(ckpt, values[at + key])
             del values
             if state_digest(freed.skeleton.state_dict()) != freed.digest:
                 _empty(freed.skeleton)
