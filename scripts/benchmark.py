@@ -21,7 +21,8 @@ or '+'-joined switches:
   cl:        channels-last memory format for the UNet;
   compile:   torch.compile of the UNet;
   bf16w, fp16w: frozen weights stored in bfloat16 / float16, computed in float32 (weights rounded; see
-             ldm/modules/frozen_weights.py).
+             ldm/modules/frozen_weights.py);
+  release:   the autoencoder freed once the training latents are cached (needs cache; textual inversion).
 Peak RSS is reported twice: over the whole process (model build and load included) and over the training
 steps only (the kernel's high-water mark is reset after the build; Linux only). The UNet's FLOPs per step
 (forward + backward, counted with torch.utils.flop_counter) and the FLOP/s its two phases achieve are printed
@@ -48,7 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from ldm.scripts_common import one_line_parser  # noqa: E402
 
-SWITCHES = ("reference", "cache", "sdpa", "ckpt", "cl", "compile", "bf16w", "fp16w")
+SWITCHES = ("reference", "cache", "sdpa", "ckpt", "cl", "compile", "bf16w", "fp16w", "release")
 PRESETS = ("default", "lean")
 PHASES = ("first_stage", "conditioning", "unet_forward", "backward", "optimizer")
 
@@ -83,7 +84,8 @@ def variant_options(variant: str, model_params) -> dict:
     switches = set(variant.split("+"))
     frozen = "bf16" if "bf16w" in switches else "fp16" if "fp16w" in switches else "fp32"
     return {"attention": "sdpa" if "sdpa" in switches else "math", "gradient_checkpointing": "ckpt" in switches,
-            "cache_first_stage": "cache" in switches, "frozen_weights": frozen, "channels_last": "cl" in switches}
+            "cache_first_stage": "cache" in switches, "frozen_weights": frozen, "channels_last": "cl" in switches,
+            "release_first_stage": "release" in switches}
 
 
 def build(opt, overrides, variant: str):
@@ -178,6 +180,11 @@ def child(opt, overrides) -> dict:
             model.first_stage_release.free(model.first_stage_model, "encoder", "decoder")
     steps = [sum(v) for v in zip(*times.values(), strict=True)]
     step_peak = step_peak_rss_mb()
+    # The whole run's peak (build, load and steps) from this process's own marks. Not ru_maxrss: a child
+    # started by vfork + exec inherits the parent's peak there (the parent built a model to write the
+    # random checkpoint), which made a smaller variant report the parent's 6.2 GB.
+    marks = [m for m in (build_peak_mb, step_peak) if m is not None]
+    whole_peak = max(marks) if len(marks) == 2 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         z, c = model.get_input(batch, model.first_stage_key)
         flops = unet_flops(model, z, model.get_learned_conditioning(c), t)
@@ -186,7 +193,7 @@ def child(opt, overrides) -> dict:
            "device": opt.device, "res": opt.res, "build_s": round(build_s, 2),
            "median_step_s": statistics.median(steps), "step_times_s": steps,
            "phases_median_s": {p: statistics.median(v) for p, v in times.items()},
-           "peak_rss_mb": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, build_peak_mb or 0),
+           "peak_rss_mb": whole_peak,
            "step_peak_rss_mb": step_peak, "unet_flops": flops, "unet_flop_per_s": flops / unet_s,
            "options": variant_options(variant, model_params_of(opt, overrides)), "from_ckpt": bool(opt.ckpt),
            "torch": torch.__version__, "params": sum(p.numel() for p in model.parameters())}
