@@ -140,3 +140,20 @@ def test_bad_settings_are_one_line_errors_before_anything_is_written(tiny, tmp_p
     with pytest.raises(UsageError, match=message):
         run(tiny, tmp_path / "logs", 2, validation_prompts=["a photo of *"], **option)
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+
+
+def test_negative_prompt_and_weighting_reach_the_previews(tiny):
+    """The preview's unconditional branch is the negative prompt, and prompts are weighted: `(*:1.0)` renders
+    exactly as `*`, `(*:1.5)` and a negative prompt render differently."""
+    from ldm.loading import load_model
+
+    config, ckpt, _, _ = tiny
+    model = load_model(str(config), str(ckpt))
+
+    def render(prompt, negative=""):
+        return ValidationPreviews([prompt], samples=1, steps=2, negative_prompt=negative, seed=SEED).images(model, 0)
+
+    plain = render("a photo of *")
+    assert torch.equal(render("a photo of (*:1.0)"), plain)
+    assert not torch.equal(render("a photo of (*:1.5)"), plain)
+    assert not torch.equal(render("a photo of *", negative="a photo"), plain)
