@@ -104,8 +104,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="cache the training images' latent moments (model.params.cache_first_stage; exact; "
                         "default on for textual inversion)")
     p.add_argument("--channels_last", type=str2bool, nargs="?", const=True, default=None,
-                   help="the UNet in channels-last (NHWC) layout (model.params.channels_last; equal within float "
-                        "tolerance, faster convolutions on CPU; default on unless the config says otherwise)")
+                   help="the UNet in channels-last (NHWC) layout (model.params.channels_last; equal within "
+                        "float tolerance, faster convolutions on CPU; default on unless the config says otherwise)")
     p.add_argument("--lean", type=str2bool, nargs="?", const=True, default=False,
                    help="the low-memory preset (ldm.loading.LEAN_OPTIONS) for the speed options not given: "
                         "frozen weights stored in fp16 and the autoencoder's unused halves freed")

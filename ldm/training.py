@@ -63,7 +63,8 @@ class TrainOptions:
     `gpus`, `precision`, ...), which win over `lightning.trainer` in the YAML. The speed options
     `attention`, `gradient_checkpointing`, `frozen_weights`, `cache_first_stage` and `channels_last` are
     model options (`model.params.*`); None keeps the config's value, except `attention` ("sdpa") and
-    `channels_last` (on), which apply unless the config sets them. `lean` fills the ones left None from `ldm.loading.LEAN_OPTIONS` (the low-memory preset).
+    `channels_last` (on), which apply unless the config sets them. `lean` fills the ones left None from
+    `ldm.loading.LEAN_OPTIONS` (the low-memory preset).
     """
 
     base: list[str] = field(default_factory=list)
@@ -220,7 +221,8 @@ def validation_callbacks(opts: TrainOptions) -> DictConfig:
         get_obj_from_str(VALIDATION_PREVIEWS)(**params)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    return OmegaConf.create({"callbacks": {"validation_previews": {"target": VALIDATION_PREVIEWS, "params": params},
+    previews = {"target": VALIDATION_PREVIEWS, "params": params}
+    return OmegaConf.create({"callbacks": {"validation_previews": previews,
                                            "image_logger": {"params": {"disabled": True}}}})
 
 

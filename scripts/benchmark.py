@@ -84,8 +84,8 @@ def variant_options(variant: str, model_params) -> dict:
     switches = set(variant.split("+"))
     frozen = "bf16" if "bf16w" in switches else "fp16" if "fp16w" in switches else "fp32"
     return {"attention": "sdpa" if "sdpa" in switches else "math", "gradient_checkpointing": "ckpt" in switches,
-            "cache_first_stage": "cache" in switches, "frozen_weights": frozen, "channels_last": "cl" in switches,
-            "release_first_stage": "release" in switches}
+            "cache_first_stage": "cache" in switches, "frozen_weights": frozen,
+            "channels_last": "cl" in switches, "release_first_stage": "release" in switches}
 
 
 def build(opt, overrides, variant: str):

@@ -374,7 +374,7 @@ def test_speed_flags_become_model_options():
     config = _sd_config()
     config.model.params.channels_last = False
     apply_overrides(config, opts())
-    assert config.model.params.channels_last is False  # the config's layout is kept when no flag says otherwise
+    assert config.model.params.channels_last is False  # the config's layout is kept without a flag
 
 
 def test_lean_fills_the_speed_options_not_given():

@@ -39,8 +39,8 @@ def runs(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("previews")
     out = {"a": run(tiny, root / "a", 8, **PREVIEWS), "b": run(tiny, root / "b", 8, **PREVIEWS),
            "plain": run(tiny, root / "plain", 8), "first": run(tiny, root / "first", 4, **PREVIEWS)}
-    out["resumed"] = train((), resume=str(out["first"].logdir), seed=SEED, trainer={"max_steps": 8}, no_test=True,
-                           overrides=FAST, **PREVIEWS)
+    out["resumed"] = train((), resume=str(out["first"].logdir), seed=SEED, trainer={"max_steps": 8},
+                           no_test=True, overrides=FAST, **PREVIEWS)
     return out
 
 
@@ -59,7 +59,8 @@ def test_a_grid_per_prompt_at_start_every_n_and_end(runs):
     for index in (0, 1):
         assert sorted(grids(runs["a"], index)) == [0, 4, 8]
     image = Image.open(Path(runs["a"].logdir) / "validation" / folder_name(0, PROMPTS[0]) / "gs-000004.png")
-    assert image.text["prompt"] == "a photo of *" and image.text["step"] == "4" and image.text["seed"] == str(SEED)
+    assert image.text["prompt"] == "a photo of *" and image.text["step"] == "4"
+    assert image.text["seed"] == str(SEED)
     assert image.text["sampler"] == "dpmpp2m" and image.text["steps"] == "3"
     assert image.size == (2 * 64 + 3 * 2, 64 + 2 * 2)  # one row of 2 samples, make_grid's padding
 
@@ -151,7 +152,8 @@ def test_negative_prompt_and_weighting_reach_the_previews(tiny):
     model = load_model(str(config), str(ckpt))
 
     def render(prompt, negative=""):
-        return ValidationPreviews([prompt], samples=1, steps=2, negative_prompt=negative, seed=SEED).images(model, 0)
+        callback = ValidationPreviews([prompt], samples=1, steps=2, negative_prompt=negative, seed=SEED)
+        return callback.images(model, 0)
 
     plain = render("a photo of *")
     assert torch.equal(render("a photo of (*:1.0)"), plain)
