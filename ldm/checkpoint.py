@@ -161,6 +161,11 @@ class Checkpoint:
     meta: dict[str, Any] = field(default_factory=dict)
     pages: FilePages | None = None
 
+    def release(self, tensor: torch.Tensor) -> None:
+        """Give back the file pages of one of its tensors once it has been copied (mapped files only)."""
+        if self.pages is not None:
+            self.pages.release(tensor)
+
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Open a model checkpoint without reading it: `.safetensors` and zip-format torch files are mapped, so no

@@ -32,7 +32,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from ldm.data.resumable import derive_seed
+from ldm.generation import SAMPLERS, slug
 from ldm.image_grid import make_grid, save_image, to_uint8
+from ldm.prompt_weighting import weighted_conditioning
 from ldm.util import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -58,8 +60,7 @@ def read_prompts(values: Sequence[str]) -> list[str]:
 
 
 def folder_name(index: int, prompt: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", prompt.replace("*", "star")).strip("-")[:64]
-    return f"{index:02}-{slug or 'prompt'}"
+    return f"{index:02}-{slug(prompt)[:64]}"
 
 
 def contact_sheet(rows: Sequence[tuple[int, np.ndarray]], label_width: int = 72) -> np.ndarray:
@@ -122,9 +123,6 @@ class ValidationPreviews(pl.Callback):
     @torch.no_grad()
     def images(self, pl_module, index: int) -> torch.Tensor:
         """[samples, 3, H, W] in [0, 1] of prompt `index` with the model's current embedding."""
-        from ldm.generation import SAMPLERS
-        from ldm.prompt_weighting import weighted_conditioning
-
         model, n = pl_module, self.samples
         shape = (model.channels, model.image_size, model.image_size)
         c = weighted_conditioning(model, n * [self.prompts[index]])
@@ -144,12 +142,15 @@ class ValidationPreviews(pl.Callback):
             return
         was_training = pl_module.training
         release = getattr(pl_module, "first_stage_release", None)
-        devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
+        device = pl_module.device  # its RNG is forked too when it is an accelerator
+        on_accelerator = device.type != "cpu"
+        rng = torch.random.fork_rng(devices=[device.index or 0] if on_accelerator else [],
+                                    device_type=device.type if on_accelerator else None)
         pl_module.eval()
         try:
             decoder = (release.loaded(pl_module.first_stage_model, pl_module.device, "decoder")
                        if release is not None else contextlib.nullcontext())
-            with torch.random.fork_rng(devices=devices), pl_module.ema_scope("Validation previews"), decoder:
+            with rng, pl_module.ema_scope("Validation previews"), decoder:
                 grids = [self.images(pl_module, i) for i in range(len(self.prompts))]
         finally:
             pl_module.train(was_training)

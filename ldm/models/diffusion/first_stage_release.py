@@ -81,12 +81,6 @@ class Freed:
     digest: str
 
 
-def release(ckpt, tensor: torch.Tensor) -> None:
-    """Give back the file pages of a checkpoint tensor once it has been copied (a mapped checkpoint only)."""
-    if ckpt.pages is not None:
-        ckpt.pages.release(tensor)
-
-
 class FirstStageRelease:
     """The freed submodules of one model's first stage and how to read them back from `ckpt_path`."""
 
@@ -144,11 +138,11 @@ class FirstStageRelease:
                 for key, p in sub._parameters.items():
                     if p is not None:
                         p.data = values[at + key].to(device=device, dtype=p.dtype, copy=True)
-                        release(ckpt, values[at + key])
+                        ckpt.release(values[at + key])
                 for key, b in sub._buffers.items():
                     if b is not None and key not in sub._non_persistent_buffers_set:
                         sub._buffers[key] = values[at + key].to(device=device, dtype=b.dtype, copy=True)
-                        release(ckpt, values[at + key])
+                        ckpt.release(values[at + key])
             del values
             if state_digest(freed.skeleton.state_dict()) != freed.digest:
                 _empty(freed.skeleton)
