@@ -46,6 +46,7 @@ from ldm.cli import (
 )
 from ldm.data.datamodule import DataModuleFromConfig
 from ldm.data.personalized import is_personalized
+from ldm.malloc import return_freed_memory
 from ldm.modules.embedding_formats import read_embeddings
 from ldm.util import atomic_write, get_obj_from_str, instantiate_from_config
 
@@ -204,6 +205,8 @@ def prepare(opts: TrainOptions) -> TrainingJob:
             if node is not None and is_personalized(node) and "data_root" not in node.params:
                 raise UsageError(f"--data_root is required (data.params.{split}.params.data_root is not set)")
     data = build_data(config, opts.seed) if "data" in config else None
+    if opts.lean:
+        return_freed_memory()
     model = instantiate_from_config(config.model)
     lightning_config.trainer = trainer_cfg
     return TrainingJob(dirs, config, lightning_config, trainer_cfg, data, model)

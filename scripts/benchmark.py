@@ -12,7 +12,7 @@ fp32) and every variant loads it, so the whole-process peak includes the load, a
 
 Variants: the presets
   default:   exactly what `main.py` does without speed flags (ldm.cli.speed_options);
-  lean:      `main.py --lean` (ldm.loading.LEAN_OPTIONS);
+  lean:      `main.py --lean` (ldm.loading.LEAN_OPTIONS, and glibc's fixed mmap threshold, ldm/malloc.py);
 or '+'-joined switches:
   reference: the faithful path (encoder every step, math attention, no checkpointing);
   cache:     first-stage moments of the training images cached (exact);
@@ -22,7 +22,8 @@ or '+'-joined switches:
   compile:   torch.compile of the UNet;
   bf16w, fp16w: frozen weights stored in bfloat16 / float16, computed in float32 (weights rounded; see
              ldm/modules/frozen_weights.py);
-  release:   the autoencoder freed once the training latents are cached (needs cache; textual inversion).
+  release:   the autoencoder freed once the training latents are cached (needs cache; textual inversion),
+             before the first step, as training does at train start.
 Peak RSS is reported twice: over the whole process (model build and load included) and over the training
 steps only (the kernel's high-water mark is reset after the build; Linux only). The UNet's FLOPs per step
 (forward + backward, counted with torch.utils.flop_counter) and the FLOP/s its two phases achieve are printed
@@ -47,6 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from ldm.malloc import return_freed_memory  # noqa: E402
 from ldm.scripts_common import one_line_parser  # noqa: E402
 
 SWITCHES = ("reference", "cache", "sdpa", "ckpt", "cl", "compile", "bf16w", "fp16w", "release")
@@ -134,6 +136,8 @@ def child(opt, overrides) -> dict:
     switches = set() if variant in PRESETS else set(variant.split("+"))
     batch_size, precision = int(opt.child.split(":")[1]), opt.child.split(":")[2]
     torch.set_num_threads(opt.threads)
+    if variant == "lean":  # as main.py --lean (ldm.training.prepare)
+        return_freed_memory()
     t0 = time.perf_counter()
     model = build(opt, overrides, variant)
     build_s = time.perf_counter() - t0
@@ -150,6 +154,10 @@ def child(opt, overrides) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    if getattr(model, "first_stage_release", None) is not None:
+        # as training does at train start (DDPM.on_train_start): cache every training latent, free the autoencoder
+        model.cache_images(list(images), batch_size)
+        model.first_stage_release.free(model.first_stage_model, "encoder", "decoder")
     build_peak_mb = step_peak_rss_mb()  # the reset below clears the process-wide mark too
     reset_peak_rss()
     times = {p: [] for p in PHASES}
@@ -175,9 +183,6 @@ def child(opt, overrides) -> dict:
         if i >= warmup:
             for p, a, b in zip(PHASES, stamps[:-1], stamps[1:], strict=True):
                 times[p].append(b - a)
-        if i == warmup - 1 and getattr(model, "first_stage_release", None) is not None:
-            # as training does at train start, once every training latent is cached: free the autoencoder
-            model.first_stage_release.free(model.first_stage_model, "encoder", "decoder")
     steps = [sum(v) for v in zip(*times.values(), strict=True)]
     step_peak = step_peak_rss_mb()
     # The whole run's peak (build, load and steps) from this process's own marks. Not ru_maxrss: a child
