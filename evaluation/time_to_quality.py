@@ -21,6 +21,7 @@ from evaluation.plot import PALETTE, _axis_range, _font, _ticks
 
 RATES = ("concept_rate", "joint_rate")
 TARGET_MARGIN = 0.05
+STOP_MARGIN = 0.05  # a rate at the early stop this close to the full run's plateau counts as reached
 
 
 def bootstrap_ci(values, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -59,7 +60,11 @@ def neighbour_change(rates: list[float]) -> float:
 
 def summarize(rows: list[dict], stops: dict, total_steps: int, baseline: str = "baseline") -> dict:
     """Per run: plateau, time to target (steps and seconds), swing; per recipe and concept: means over seeds
-    and ratios to the baseline; the early-stopping rule scored on the runs that recorded it."""
+    and ratios to the baseline; the early-stopping rule scored against the full run's plateau.
+
+    `stops` maps (recipe, concept, seed) to the run stopped by the rule: `stopped_at` and the scores of the
+    embedding it kept (each rate and its `<rate>_ci`). A rate at the stop is "near" the plateau when it is
+    within STOP_MARGIN of it or its 95% interval holds the plateau."""
     runs = defaultdict(list)
     for row in rows:
         runs[(row["recipe"], row["concept"], row["seed"])].append(row)
@@ -86,11 +91,13 @@ def summarize(rows: list[dict], stops: dict, total_steps: int, baseline: str = "
                            "spread_after_target": (max(after) - min(after)) if after else None}
         stop = stops.get((recipe, concept, seed))
         if stop is not None:
-            at = next((x for x in v if x["step"] >= stop), v[-1])
-            entry["early_stopping"] = {"stopped_at": stop, "fraction": stop / total_steps,
-                                       **{f"{rate}_at_stop": at[rate] for rate in RATES},
-                                       **{f"{rate}_at_stop_ci": [at[f"{rate}_ci_low"], at[f"{rate}_ci_high"]]
-                                          for rate in RATES}}
+            entry["early_stopping"] = {"stopped_at": stop["stopped_at"], "stopped": stop.get("stopped", True),
+                                       "fraction": stop["stopped_at"] / total_steps}
+            for rate in RATES:
+                value, (low, high), level = stop[rate], stop[f"{rate}_ci"], entry[rate]["plateau"]
+                entry["early_stopping"].update({
+                    f"{rate}_at_stop": value, f"{rate}_at_stop_ci": [low, high],
+                    f"{rate}_near_plateau": bool(abs(value - level) <= STOP_MARGIN or low <= level <= high)})
         per_run.append(entry)
     table = []
     for recipe, concept in sorted({(e["recipe"], e["concept"]) for e in per_run}):

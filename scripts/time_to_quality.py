@@ -10,8 +10,9 @@ scores every snapshot on the SAME starting noises (common random numbers) with t
 - joint_rate: the fraction of "a red *" samples that are the concept and red (G3's joint rate);
 - prob: the scorer's mean probability of the concept on the "a photo of a *" samples.
 Each rate has a 95% bootstrap interval over its samples. Training seconds come from `TrainingClock`
-(compute only). The baseline's runs also record the early-stopping curve (`ObjectiveEarlyStopping` with
-`stop: false`), so the stop rule is scored against the same full runs.
+(compute only). For the `--stop_recipes` (the baseline by default) every concept and seed is also trained
+once more with `main.py --early_stopping` (the rule's defaults, `ldm.early_stopping`), and the embedding
+that run keeps is scored the same way and set against the full run's plateau.
 
 Definitions: a run's plateau is the mean of its rates over the last third of its steps; the target is the
 baseline's plateau (mean over seeds) minus 0.05; a run's time to target is the first snapshot from which its
@@ -70,6 +71,8 @@ def parser():
     p.add_argument("--ckpt", default="models/toy/toy_ldm.safetensors")
     p.add_argument("--scorer", default="assets/toy/scorer.safetensors")
     p.add_argument("--init_word", default="shape")
+    p.add_argument("--stop_recipes", nargs="*", default=["baseline"],
+                   help="recipes whose runs are also trained with early stopping (none: skip)")
     p.add_argument("--cached_only", action="store_true",
                    help="score nothing new: summarize the scores cached so far (runs without any are left out)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
@@ -92,18 +95,44 @@ def run_inversion(opt, recipe: str, shape: str, seed: int) -> dict:
     write_concept_images(images, shape, n=5, seed=seed)
     overrides = [f"lightning.modelcheckpoint.params.every_n_train_steps={opt.every}",
                  "lightning.callbacks.image_logger.params.disabled=true",
-                 "lightning.callbacks.training_clock.target=ldm.training_clock.TrainingClock",
-                 "lightning.callbacks.early_stopping.target=ldm.early_stopping.ObjectiveEarlyStopping",
-                 f"lightning.callbacks.early_stopping.params.every={opt.every}",
-                 "lightning.callbacks.early_stopping.params.stop=false"]
+                 "lightning.callbacks.training_clock.target=ldm.training_clock.TrainingClock"]
     run = train([opt.config, *overlays], actual_resume=opt.ckpt, data_root=str(images), name=f"{recipe}_{shape}",
                 logdir=str(folder / "logs"), seed=seed, init_word=opt.init_word, datadir_in_name=False,
                 no_test=True, trainer={"max_steps": opt.steps}, overrides=overrides)
     clock = json.loads((run.logdir / "training_clock.json").read_text())["seconds"]
-    stop = json.loads((run.logdir / "early_stopping.json").read_text())
     files = {int(p.stem.rsplit("-", 1)[1]): str(p) for p in run.ckptdir.glob(f"{stem}_gs-*.pt")}
-    record = {"settings": settings, "snapshots": {str(k): files[k] for k in sorted(files)},
-              "seconds": clock, "early_stopping": {k: stop[k] for k in ("steps", "losses", "stopped_at")}}
+    record = {"settings": settings, "snapshots": {str(k): files[k] for k in sorted(files)}, "seconds": clock}
+    atomic_write(record_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    return record
+
+
+def stopped_run(opt, model, scorer, recipe: str, shape: str, seed: int) -> dict:
+    """The run again with `--early_stopping` (the rule's defaults): where it stopped, the curve, and the
+    scores of the embedding it kept (cached beside the runs)."""
+    folder = Path(opt.out) / "runs" / recipe / f"{shape}_seed{seed}"
+    record_path = folder / "stopped.json"
+    settings = {"recipe": recipe, "shape": shape, "seed": seed, "steps": opt.steps, "config": opt.config,
+                "ckpt": opt.ckpt, "init_word": opt.init_word, "samples": opt.samples, "ddim_steps": opt.ddim_steps}
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record["settings"] == settings:
+            return record
+    if opt.cached_only:
+        return {}
+    overlays, _ = RECIPES[recipe]
+    images = folder / "images"
+    write_concept_images(images, shape, n=5, seed=seed)
+    run = train([opt.config, *overlays], actual_resume=opt.ckpt, data_root=str(images), name=f"{recipe}_{shape}",
+                logdir=str(folder / "stopped"), seed=seed, init_word=opt.init_word, datadir_in_name=False,
+                no_test=True, trainer={"max_steps": opt.steps}, early_stopping=True,
+                overrides=["lightning.callbacks.image_logger.params.disabled=true"])
+    curve = json.loads((run.logdir / "early_stopping.json").read_text())
+    model.embedding_manager.load(str(run.embeddings))
+    scores = score_embedding(model, scorer, shape, opt.samples, opt.ddim_steps)
+    record = {"settings": settings, "stopped_at": curve["stopped_at"], "final_step": run.global_step,
+              "embedding": str(run.embeddings), "curve": {k: curve[k] for k in ("steps", "losses",
+                                                                               "averaged_steps")},
+              **{k: scores[k] for k in SCORES}, **{f"{k}_ci": scores[f"{k}_ci"] for k in SCORES}}
     atomic_write(record_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     return record
 
@@ -172,11 +201,17 @@ def run(opt, overrides):
                          "seconds": round(seconds.get(step, 0.0), 3), **{k: sc[k] for k in SCORES},
                          **{f"{k}_ci_low": sc[f"{k}_ci"][0] for k in SCORES},
                          **{f"{k}_ci_high": sc[f"{k}_ci"][1] for k in SCORES}})
-    stops = {(r, c, s): rec["early_stopping"]["stopped_at"] for (r, c, s), rec in records.items()}
+    stops = {}
+    for recipe, shape, seed in records:
+        if recipe in (opt.stop_recipes or []):
+            stopped = stopped_run(opt, model, scorer, recipe, shape, seed)
+            if stopped:  # a run that never stopped is scored at its end
+                stops[(recipe, shape, seed)] = {**stopped, "stopped": stopped["stopped_at"] is not None,
+                                                "stopped_at": stopped["stopped_at"] or stopped["final_step"]}
     summary = summarize(rows, stops, opt.steps, baseline="baseline")
     summary["settings"] = {k: getattr(opt, k) for k in ("recipes", "concepts", "seeds", "steps", "every", "samples",
                                                            "ddim_steps", "score_steps", "config", "ckpt",
-                                                           "init_word")}
+                                                           "init_word", "stop_recipes")}
     summary["settings"]["threads"] = torch.get_num_threads()
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "snapshots.csv", "w", newline="") as f:

@@ -53,12 +53,18 @@ def test_scheduler_config_drives_the_embedding_learning_rate(tiny, tmp_path):
 
 
 def test_stop_rule_fires_on_a_flat_curve_and_not_on_a_falling_one():
-    flat = [1.0, 0.6, 0.5, 0.501, 0.499, 0.5, 0.5005]
-    assert plateaued(flat, window=2, threshold=0.01)
-    falling = [1.0 * 0.9**k for k in range(8)]
-    assert not plateaued(falling, window=2, threshold=0.01)
-    assert not plateaued(flat[:3], window=2, threshold=0.01)  # too few evaluations to compare
-    assert not plateaued([1.0, 1.0, 1.3, 1.3], window=2, threshold=0.01)  # a jump up is a change too
+    rule = {"window": 2, "variance_ratio": 0.2, "threshold": 0.02}
+    flat = [1.0, 0.6, 0.5, 0.501, 0.499, 0.5, 0.5005]  # fell, then flat
+    assert plateaued(flat, **rule)
+    assert not plateaued(flat[:3], **rule)  # too few evaluations to compare two windows
+    falling = [1.0 * 0.9**k for k in range(8)]  # still falling 19% per window
+    assert not plateaued(falling, **rule)
+    assert plateaued([1.0 * 0.995**k for k in range(12)], window=2, variance_ratio=0.2, threshold=0.02)  # < 2%
+    unmoved = [0.5, 0.52, 0.49, 0.51, 0.5, 0.52, 0.49, 0.51]  # wobbles, never moved: not learned yet
+    assert not plateaued(unmoved, **rule)
+    wobbly_end = [1.0, 0.6, 0.5, 0.5, 0.4, 0.6]  # the last window wobbles as much as the whole run moved
+    assert not plateaued(wobbly_end, **rule)
+    assert plateaued([1.0, 1.0, 1.3, 1.3], **rule)  # a loss that rose and holds is not falling: stop
 
 
 def test_fixed_batch_loss_is_deterministic(tiny, tmp_path):
@@ -86,20 +92,40 @@ def test_early_stopping_curve_is_the_same_after_a_resume_and_leaves_training_alo
     assert torch.equal(read_embeddings(plain.embeddings).vectors["*"], vector)  # observing changes nothing
 
 
-def test_early_stopping_stops_the_run(tiny, tmp_path):
-    # threshold 10: any two windows count as a plateau, so the rule fires at the first comparison (step 8)
+def test_early_stopping_stops_the_run_and_keeps_the_averaged_vector(tiny, tmp_path):
+    # variance_ratio and threshold 10: the rule fires at the first comparison (step 8, 4 evaluations)
     stop = [o.replace("stop=false", "stop=true") for o in OBSERVE] + [
-        "lightning.callbacks.early_stopping.params.threshold=10"]
+        "lightning.callbacks.early_stopping.params.variance_ratio=10",
+        "lightning.callbacks.early_stopping.params.threshold=10",
+        "lightning.callbacks.early_stopping.params.average=3"]
     run = train(args(tiny, tmp_path / "logs", *stop, steps=20))
     assert run.global_step == 8
-    assert json.loads((run.logdir / "early_stopping.json").read_text())["stopped_at"] == 8
-    assert sorted(run.snapshots)[-1] == 8 and run.embeddings.is_file()  # the embedding at the stop is saved
+    record = json.loads((run.logdir / "early_stopping.json").read_text())
+    assert record["stopped_at"] == 8 and record["averaged_steps"] == [4, 6, 8]
+    # the vectors at steps 4, 6, 8 of plain runs (training with the callback is the same until it stops)
+    plain = [read_embeddings(train(args(tiny, tmp_path / f"plain{n}", steps=n)).embeddings).vectors["*"]
+             for n in (4, 6, 8)]
+    expected = torch.stack(plain).mean(0)
+    kept = read_embeddings(run.ckptdir / "embeddings_early_stop.pt").vectors["*"]
+    assert torch.allclose(kept, expected, rtol=0, atol=1e-7) and not torch.allclose(kept, plain[-1])
+    assert torch.equal(read_embeddings(run.embeddings).vectors["*"], kept)  # embeddings.pt holds it too
+    assert sorted(run.snapshots)[-1] == 8
+    assert read_embeddings(run.ckptdir / "embeddings_early_stop.safetensors").vectors["*"].equal(kept)
+
+
+def test_observing_writes_the_averaged_vector_and_trains_on(tiny, tmp_path):
+    observe = OBSERVE + ["lightning.callbacks.early_stopping.params.variance_ratio=10",
+                         "lightning.callbacks.early_stopping.params.threshold=10"]
+    run = train(args(tiny, tmp_path / "logs", *observe, steps=10))
+    assert run.global_step == 10 and json.loads((run.logdir / "early_stopping.json").read_text())["stopped_at"] == 8
+    kept = read_embeddings(run.ckptdir / "embeddings_early_stop.pt").vectors["*"]
+    assert not torch.equal(read_embeddings(run.embeddings).vectors["*"], kept)  # the raw vector trained on
 
 
 def test_early_stopping_flag_adds_the_callback(tiny, tmp_path):
     run = train(args(tiny, tmp_path / "logs", "--early_stopping", steps=2))
     found = [c for c in run.trainer.callbacks if type(c).__name__ == "ObjectiveEarlyStopping"]
-    assert len(found) == 1 and found[0].every == 1  # max_steps 2 // 30, at least 1
+    assert len(found) == 1 and found[0].every == 1  # max_steps 2 // 60, at least 1
 
 
 def test_embedding_average_is_written_beside_the_raw_vectors(tiny, tmp_path):
@@ -161,14 +187,18 @@ def test_summary_targets_and_ratios():
 
     base = rows("baseline", [0.1, 0.3, 0.5, 0.7, 0.8, 0.8, 0.8])
     fast = rows("fast", [0.1, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8])
-    out = summarize(base + fast, {("baseline", "ring", 0): 30}, total_steps=60)
+    stopped = {"stopped_at": 30, "concept_rate": 0.78, "concept_rate_ci": [0.7, 0.85], "joint_rate": 0.5,
+               "joint_rate_ci": [0.4, 0.6]}
+    out = summarize(base + fast, {("baseline", "ring", 0): stopped}, total_steps=60)
     assert out["targets"]["ring/concept_rate"] == pytest.approx(0.75)  # baseline plateau 0.8 minus 0.05
     line = next(x for x in out["table"] if x["recipe"] == "fast")["concept_rate"]
     assert line["steps_to_target"] == 10 and line["steps_to_target_ratio"] == pytest.approx(0.25)  # base: 40
     assert line["seconds_to_target"] == 2.0 and line["plateau_minus_baseline"] == pytest.approx(0.0)
     stop = next(r for r in out["runs"] if r["recipe"] == "baseline")["early_stopping"]
-    assert stop == {"stopped_at": 30, "fraction": 0.5, "concept_rate_at_stop": 0.7, "joint_rate_at_stop": 0.7,
-                    "concept_rate_at_stop_ci": [0.0, 1.0], "joint_rate_at_stop_ci": [0.0, 1.0]}
+    assert stop == {"stopped_at": 30, "stopped": True, "fraction": 0.5,  # plateau 0.8: 0.78 is within 0.05, 0.5 is not
+                    "concept_rate_at_stop": 0.78, "concept_rate_at_stop_ci": [0.7, 0.85],
+                    "concept_rate_near_plateau": True, "joint_rate_at_stop": 0.5,
+                    "joint_rate_at_stop_ci": [0.4, 0.6], "joint_rate_near_plateau": False}
 
 
 @pytest.mark.slow
@@ -187,6 +217,11 @@ def test_time_to_quality_benchmark_tiny(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["table"][0]["recipe"] == "baseline" and "ring/concept_rate" in summary["targets"]
     assert (out / "curves.png").is_file()
+    stopped = json.loads((out / "runs" / "baseline" / "ring_seed0" / "stopped.json").read_text())
+    assert stopped["curve"]["steps"] == [1, 2, 3, 4] and stopped["stopped_at"] is None  # 4 steps: too few to stop
+    run_summary = summary["runs"][0]["early_stopping"]
+    assert run_summary["stopped"] is False and run_summary["stopped_at"] == 4
+    assert run_summary["concept_rate_at_stop"] == stopped["concept_rate"]
     # common noise: scoring the same embedding again gives the same figures; the run is reused, not retrained
     cache = json.loads((out / "scores" / "baseline" / "ring_seed0.json").read_text())["scores"]
     from ldm.loading import load_model
