@@ -100,6 +100,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--frozen_weights", choices=["fp32", "fp16", "bf16"], default=None,
                    help="storage of the frozen weights (model.params.frozen_weights): fp32 (default, faithful) "
                         "fp16 or bf16 (half the memory, fp32 compute, weights rounded; fp16 rounds less)")
+    p.add_argument("--saved_activations", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="storage of the activations a training step keeps for backward (model.params."
+                        "saved_activations): fp32 (default, faithful) or fp16 / bf16 (about half of that memory; "
+                        "forward exact, backward from rounded activations)")
     p.add_argument("--cache_first_stage", type=str2bool, nargs="?", const=True, default=None,
                    help="cache the training images' latent moments (model.params.cache_first_stage; exact; "
                         "default on for textual inversion)")
@@ -108,7 +112,8 @@ def get_parser() -> argparse.ArgumentParser:
                         "float tolerance, faster convolutions on CPU; default on unless the config says otherwise)")
     p.add_argument("--lean", type=str2bool, nargs="?", const=True, default=False,
                    help="the low-memory preset (ldm.loading.LEAN_OPTIONS) for the speed options not given: "
-                        "frozen weights stored in fp16 and the autoencoder's unused halves freed")
+                        "frozen weights and saved activations stored in fp16, the autoencoder's unused halves "
+                        "freed")
     p.add_argument("--early_stopping", type=str2bool, nargs="?", const=True, default=False,
                    help="stop when the loss on a fixed batch plateaus (ldm.early_stopping; its settings are "
                         "lightning.callbacks.early_stopping.params.*)")

@@ -22,13 +22,14 @@ from ldm.util import instantiate_from_config
 
 #: Model options that switch kernels or storage, never the maths beyond float rounding (`model.params.*`).
 MODEL_OPTIONS = ("attention", "gradient_checkpointing", "frozen_weights", "cache_first_stage",
-                 "release_first_stage", "channels_last")
+                 "release_first_stage", "channels_last", "saved_activations")
 
 #: The low-memory preset (`main.py --lean`, the benchmark's `lean` variant): frozen weights stored in fp16
-#: (fp32 compute; fp16 rounds the weights 8x less than bf16) and, in textual inversion only (`ldm.cli.
-#: speed_options`), the autoencoder freed once the training latents are cached, its decoder read back while
-#: previews are drawn (`release_first_stage`).
-LEAN_OPTIONS = {"frozen_weights": "fp16", "release_first_stage": True}
+#: (fp32 compute; fp16 rounds the weights 8x less than bf16), the activations kept for backward stored in
+#: fp16 (`ldm/modules/saved_activations.py`) and, in textual inversion only (`ldm.cli.speed_options`), the
+#: autoencoder freed once the training latents are cached, its decoder read back while previews are drawn
+#: (`release_first_stage`).
+LEAN_OPTIONS = {"frozen_weights": "fp16", "saved_activations": "fp16", "release_first_stage": True}
 
 ConfigSource = str | os.PathLike | Sequence[str | os.PathLike] | Mapping | DictConfig
 

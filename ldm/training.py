@@ -62,9 +62,9 @@ class TrainOptions:
 
     `overrides` are `key.path=value` config overrides; `trainer` holds the trainer flags (`max_steps`,
     `gpus`, `precision`, ...), which win over `lightning.trainer` in the YAML. The speed options
-    `attention`, `gradient_checkpointing`, `frozen_weights`, `cache_first_stage` and `channels_last` are
-    model options (`model.params.*`); None keeps the config's value, except `attention` ("sdpa") and
-    `channels_last` (on), which apply unless the config sets them. `lean` fills the ones left None from
+    `attention`, `gradient_checkpointing`, `frozen_weights`, `saved_activations`, `cache_first_stage` and
+    `channels_last` are model options (`model.params.*`); None keeps the config's value, except `attention`
+    ("sdpa") and `channels_last` (on), which apply unless the config sets them. `lean` fills the ones left None from
     `ldm.loading.LEAN_OPTIONS` (the low-memory preset).
     """
 
@@ -90,6 +90,7 @@ class TrainOptions:
     attention: str | None = None
     gradient_checkpointing: bool | None = None
     frozen_weights: str | None = None
+    saved_activations: str | None = None
     cache_first_stage: bool | None = None
     channels_last: bool | None = None
     lean: bool = False

@@ -22,6 +22,7 @@ or '+'-joined switches:
   compile:   torch.compile of the UNet;
   bf16w, fp16w: frozen weights stored in bfloat16 / float16, computed in float32 (weights rounded; see
              ldm/modules/frozen_weights.py);
+  fp16a:     the activations a step keeps for backward stored in float16 (ldm/modules/saved_activations.py);
   release:   the autoencoder freed once the training latents are cached (needs cache; textual inversion),
              before the first step, as training does at train start.
 Peak RSS is reported twice: over the whole process (model build and load included) and over the training
@@ -51,7 +52,7 @@ sys.path.insert(0, str(REPO))
 from ldm.malloc import return_freed_memory  # noqa: E402
 from ldm.scripts_common import one_line_parser  # noqa: E402
 
-SWITCHES = ("reference", "cache", "sdpa", "ckpt", "cl", "compile", "bf16w", "fp16w", "release")
+SWITCHES = ("reference", "cache", "sdpa", "ckpt", "cl", "compile", "bf16w", "fp16w", "fp16a", "release")
 PRESETS = ("default", "lean")
 PHASES = ("first_stage", "conditioning", "unet_forward", "backward", "optimizer")
 
@@ -87,7 +88,8 @@ def variant_options(variant: str, model_params) -> dict:
     frozen = "bf16" if "bf16w" in switches else "fp16" if "fp16w" in switches else "fp32"
     return {"attention": "sdpa" if "sdpa" in switches else "math", "gradient_checkpointing": "ckpt" in switches,
             "cache_first_stage": "cache" in switches, "frozen_weights": frozen,
-            "channels_last": "cl" in switches, "release_first_stage": "release" in switches}
+            "channels_last": "cl" in switches, "release_first_stage": "release" in switches,
+            "saved_activations": "fp16" if "fp16a" in switches else "fp32"}
 
 
 def build(opt, overrides, variant: str):
@@ -167,7 +169,7 @@ def child(opt, overrides) -> dict:
         idx = [(i * batch_size + j) % opt.images for j in range(batch_size)]
         batch = {"image": images[idx], "caption": ["a photo of *"] * batch_size}
         stamps = [time.perf_counter()]
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), model.saved_activations_scope():
             z, c = model.get_input(batch, model.first_stage_key)
             sync(), stamps.append(time.perf_counter())
             cond = model.get_learned_conditioning(c)

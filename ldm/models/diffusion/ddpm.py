@@ -65,6 +65,8 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.frozen_weights import DTYPES as FROZEN_DTYPES
 from ldm.modules.frozen_weights import check_frozen_weights, store_frozen_weights
+from ldm.modules.saved_activations import DTYPES as ACTIVATION_DTYPES
+from ldm.modules.saved_activations import check_saved_activations, saved_activations
 from ldm.util import (
     count_params,
     default,
@@ -110,7 +112,9 @@ class DDPM(pl.LightningModule):
     `gradient_checkpointing` (recompute UNet activations in backward: less memory, same numbers),
     `frozen_weights` "fp32" | "fp16" | "bf16" (storage of the frozen weights, see `ldm/modules/frozen_weights.py`),
     `channels_last` (the UNet's weights and activations in NHWC: float-tolerance equal, faster convolutions
-    on CPU) and, for `LatentDiffusion`, `cache_first_stage` (exact; on by default for textual inversion).
+    on CPU), `saved_activations` "fp32" | "fp16" | "bf16" (storage of the activations a training step keeps
+    for backward, see `ldm/modules/saved_activations.py`) and, for `LatentDiffusion`, `cache_first_stage`
+    (exact; on by default for textual inversion).
 
     With a `ckpt_path` that fills them (`checkpoint_fills`), the UNet and the two stages are built on the meta
     device, without memory or random init, and get their storage as the checkpoint fills them, tensor by
@@ -159,11 +163,13 @@ class DDPM(pl.LightningModule):
         attention: str = "math",
         gradient_checkpointing: bool = False,
         channels_last: bool = False,
+        saved_activations: str = "fp32",
     ):
         super().__init__()
         if self.meta_init is None:
             self.meta_init = checkpoint_fills(ckpt_path, ignore_keys, load_only_unet)
         check_frozen_weights(frozen_weights, unfreeze_model)
+        check_saved_activations(saved_activations)
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got '{parameterization}'")
         if loss_type not in ("l1", "l2"):
@@ -184,6 +190,7 @@ class DDPM(pl.LightningModule):
             self.model = DiffusionWrapper(unet_config, conditioning_key)
         count_params(self.model, verbose=True)
         self.frozen_weights = frozen_weights
+        self.saved_activations = saved_activations
         self.store_if_frozen(self.model)
         self.use_ema = use_ema
         if use_ema:
@@ -461,10 +468,16 @@ class DDPM(pl.LightningModule):
         return self(self.get_input(batch, self.first_stage_key), **kwargs)
 
     def training_step(self, batch, batch_idx):
-        loss, loss_dict = self.shared_step(batch)
+        with self.saved_activations_scope():
+            loss, loss_dict = self.shared_step(batch)
         self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True)
         self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True, on_epoch=False)
         return loss
+
+    def saved_activations_scope(self):
+        """The forward of a training step: what autograd saves for backward is stored as the
+        `saved_activations` option says (ldm/modules/saved_activations.py)."""
+        return saved_activations(ACTIVATION_DTYPES[self.saved_activations], self)
 
     @torch.no_grad()
     def validation_step(self, batch, batch_idx):
