@@ -64,8 +64,9 @@ class TrainOptions:
     `gpus`, `precision`, ...), which win over `lightning.trainer` in the YAML. The speed options
     `attention`, `gradient_checkpointing`, `frozen_weights`, `saved_activations`, `cache_first_stage` and
     `channels_last` are model options (`model.params.*`); None keeps the config's value, except `attention`
-    ("sdpa") and `channels_last` (on), which apply unless the config sets them. `lean` fills the ones left None from
-    `ldm.loading.LEAN_OPTIONS` (the low-memory preset).
+    ("sdpa") and `channels_last` (on), which apply unless the config sets them. `lean` fills the ones left
+    None from `ldm.loading.LEAN_OPTIONS` (the low-memory preset) and fixes glibc's mmap threshold
+    (`ldm/malloc.py`).
     """
 
     base: list[str] = field(default_factory=list)
