@@ -1,7 +1,7 @@
 """Build a model from its config: the one place that does it for sampling, scoring and benchmarking.
 
     model = load_model("configs/toy/invert.yaml", "models/toy/toy_ldm.safetensors")
-    model = load_model(config, ckpt, overrides=["model.params.x=1"], tokenizer_path="tok/", device="cuda",
+    model = load_model(config, ckpt, overrides=["model.params.x=1"], tokenizer_path="tok/", device=device,
                        attention="sdpa", frozen_weights="bf16")
 
 The checkpoint goes in as `model.params.ckpt_path`, so the model's own constructor loads it strictly (see

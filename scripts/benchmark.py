@@ -156,10 +156,8 @@ def child(opt, overrides) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    if getattr(model, "first_stage_release", None) is not None:
-        # as training does at train start (DDPM.on_train_start): cache every training latent, free the autoencoder
-        model.cache_images(list(images), batch_size)
-        model.first_stage_release.free(model.first_stage_model, "encoder", "decoder")
+    if getattr(model, "first_stage_release", None) is not None:  # as training does at train start
+        model.cache_and_release([(list(images), batch_size)])
     build_peak_mb = step_peak_rss_mb()  # the reset below clears the process-wide mark too
     reset_peak_rss()
     times = {p: [] for p in PHASES}

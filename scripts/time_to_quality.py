@@ -80,8 +80,18 @@ def parser():
     return p
 
 
+def invert(opt, recipe: str, shape: str, seed: int, logdir: Path, overrides: list[str], **options):
+    """One inversion of the concept's 5 images (written beside the run) with the recipe's overlays."""
+    images = Path(opt.out) / "runs" / recipe / f"{shape}_seed{seed}" / "images"
+    write_concept_images(images, shape, n=5, seed=seed)
+    return train([opt.config, *RECIPES[recipe][0]], actual_resume=opt.ckpt, data_root=str(images),
+                 name=f"{recipe}_{shape}", logdir=str(logdir), seed=seed, init_word=opt.init_word,
+                 datadir_in_name=False, no_test=True, trainer={"max_steps": opt.steps},
+                 overrides=["lightning.callbacks.image_logger.params.disabled=true", *overrides], **options)
+
+
 def run_inversion(opt, recipe: str, shape: str, seed: int) -> dict:
-    """Train one run (or reuse a finished one); returns its record (snapshots, clock, stop curve)."""
+    """Train one run (or reuse a finished one); returns its record (snapshots, clock)."""
     folder = Path(opt.out) / "runs" / recipe / f"{shape}_seed{seed}"
     record_path = folder / "record.json"
     settings = {"recipe": recipe, "shape": shape, "seed": seed, "steps": opt.steps, "every": opt.every,
@@ -90,15 +100,10 @@ def run_inversion(opt, recipe: str, shape: str, seed: int) -> dict:
         record = json.loads(record_path.read_text())
         if record["settings"] == settings:
             return record
-    overlays, stem = RECIPES[recipe]
-    images = folder / "images"
-    write_concept_images(images, shape, n=5, seed=seed)
-    overrides = [f"lightning.modelcheckpoint.params.every_n_train_steps={opt.every}",
-                 "lightning.callbacks.image_logger.params.disabled=true",
-                 "lightning.callbacks.training_clock.target=ldm.training_clock.TrainingClock"]
-    run = train([opt.config, *overlays], actual_resume=opt.ckpt, data_root=str(images), name=f"{recipe}_{shape}",
-                logdir=str(folder / "logs"), seed=seed, init_word=opt.init_word, datadir_in_name=False,
-                no_test=True, trainer={"max_steps": opt.steps}, overrides=overrides)
+    stem = RECIPES[recipe][1]
+    run = invert(opt, recipe, shape, seed, folder / "logs",
+                 [f"lightning.modelcheckpoint.params.every_n_train_steps={opt.every}",
+                  "lightning.callbacks.training_clock.target=ldm.training_clock.TrainingClock"])
     clock = json.loads((run.logdir / "training_clock.json").read_text())["seconds"]
     files = {int(p.stem.rsplit("-", 1)[1]): str(p) for p in run.ckptdir.glob(f"{stem}_gs-*.pt")}
     record = {"settings": settings, "snapshots": {str(k): files[k] for k in sorted(files)}, "seconds": clock}
@@ -119,13 +124,7 @@ def stopped_run(opt, model, scorer, recipe: str, shape: str, seed: int) -> dict:
             return record
     if opt.cached_only:
         return {}
-    overlays, _ = RECIPES[recipe]
-    images = folder / "images"
-    write_concept_images(images, shape, n=5, seed=seed)
-    run = train([opt.config, *overlays], actual_resume=opt.ckpt, data_root=str(images), name=f"{recipe}_{shape}",
-                logdir=str(folder / "stopped"), seed=seed, init_word=opt.init_word, datadir_in_name=False,
-                no_test=True, trainer={"max_steps": opt.steps}, early_stopping=True,
-                overrides=["lightning.callbacks.image_logger.params.disabled=true"])
+    run = invert(opt, recipe, shape, seed, folder / "stopped", [], early_stopping=True)
     curve = json.loads((run.logdir / "early_stopping.json").read_text())
     model.embedding_manager.load(str(run.embeddings))
     scores = score_embedding(model, scorer, shape, opt.samples, opt.ddim_steps)

@@ -73,8 +73,8 @@ def test_demo_inverts_ten_steps_on_the_bundled_model(tmp_path):
     sheet = Image.open(tmp_path / "contact_sheet.png")
     rows = 1 + len(toy_demo.PROMPTS)  # the training images, then one row per prompt
     assert sheet.height > rows * 32 and sheet.width > 5 * 32
-    folder = run / "validation"
-    previews = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    validation = run / "validation"
+    previews = sorted(p.relative_to(validation).as_posix() for p in validation.rglob("*.png"))
     assert previews == [f"{folder}/{name}" for folder in ("00-a-photo-of-a-star", "01-a-red-star")
                         for name in ("contact_sheet.png", "gs-000000.png", "gs-000010.png")]
 

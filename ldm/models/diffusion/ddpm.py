@@ -700,10 +700,13 @@ class LatentDiffusion(DDPM):
         yield, then free the encoder and the decoder."""
         if self.first_stage_release is None:
             return
-        added = 0
-        for split, loader in loaders(self.trainer):
-            batch_size = getattr(loader, "batch_size", None) or 1
-            added += self.cache_images(distinct_images(getattr(loader, "dataset", loader), split), batch_size)
+        self.cache_and_release([(distinct_images(getattr(loader, "dataset", loader), split),
+                                 getattr(loader, "batch_size", None) or 1) for split, loader in loaders(self.trainer)])
+
+    def cache_and_release(self, groups) -> None:
+        """Cache the latents of every (images, batch size) group, then free the autoencoder's encoder and
+        decoder (`release_first_stage`; training does it at train start)."""
+        added = sum(self.cache_images(arrays, batch_size) for arrays, batch_size in groups)
         self.first_stage_release.free(self.first_stage_model, "encoder", "decoder")
         left = sum(p.numel() for p in self.first_stage_model.parameters())
         logger.info("release_first_stage: %d latents cached (%d in all); autoencoder freed, %d of its "
