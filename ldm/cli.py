@@ -110,6 +110,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels_last", type=str2bool, nargs="?", const=True, default=None,
                    help="the UNet in channels-last (NHWC) layout (model.params.channels_last; equal within "
                         "float tolerance, faster convolutions on CPU; default on unless the config says otherwise)")
+    p.add_argument("--small_gemm", type=str2bool, nargs="?", const=True, default=None,
+                   help="the UNet's frozen layers on few positions as weight-on-the-left matrix products "
+                        "(model.params.small_gemm; equal within float tolerance, faster on CPU; default on "
+                        "unless the config says otherwise)")
     p.add_argument("--lean", type=str2bool, nargs="?", const=True, default=False,
                    help="the low-memory preset (ldm.loading.LEAN_OPTIONS) for the speed options not given: "
                         "frozen weights and saved activations stored in fp16, the autoencoder's unused halves "
@@ -137,7 +141,8 @@ def get_parser() -> argparse.ArgumentParser:
 #: a config override on the command line: `key.path=value`, no spaces in the key
 OVERRIDE = re.compile(r"[A-Za-z_][\w.\[\]-]*=\S*")
 BOOL_FLAGS = ("-t", "--train", "--no-test", "-d", "--debug", "--scale_lr", "--datadir_in_name",
-              "--gradient_checkpointing", "--cache_first_stage", "--channels_last", "--early_stopping")
+              "--gradient_checkpointing", "--cache_first_stage", "--channels_last", "--small_gemm",
+              "--early_stopping")
 _BOOL_WORDS = {"yes", "true", "t", "y", "1", "no", "false", "f", "n", "0"}
 
 
@@ -551,8 +556,8 @@ def is_diffusion_model(model_config: DictConfig) -> bool:
 def speed_options(model_params: DictConfig, given: dict[str, Any], lean: bool = False) -> dict[str, Any]:
     """The model options a training run uses: the `given` ones, then (with `lean`) `LEAN_OPTIONS` for the
     rest (`release_first_stage` only for textual inversion, the one case with a latent cache), and
-    `attention` "sdpa" and `channels_last` on unless given or set in the config (both equal within float
-    tolerance, and faster). The others are left to the config."""
+    `attention` "sdpa", `channels_last` and `small_gemm` on unless given or set in the config (all equal
+    within float tolerance, and faster). The others are left to the config."""
     preset = dict(LEAN_OPTIONS) if lean else {}
     if model_params.get("personalization_config") is None:
         preset.pop("release_first_stage", None)
@@ -560,6 +565,8 @@ def speed_options(model_params: DictConfig, given: dict[str, Any], lean: bool = 
     options.setdefault("attention", model_params.get("attention") or "sdpa")
     config_layout = model_params.get("channels_last")
     options.setdefault("channels_last", True if config_layout is None else bool(config_layout))
+    config_gemm = model_params.get("small_gemm")
+    options.setdefault("small_gemm", True if config_gemm is None else bool(config_gemm))
     return options
 
 

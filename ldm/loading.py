@@ -22,7 +22,7 @@ from ldm.util import instantiate_from_config
 
 #: Model options that switch kernels or storage, never the maths beyond float rounding (`model.params.*`).
 MODEL_OPTIONS = ("attention", "gradient_checkpointing", "frozen_weights", "cache_first_stage",
-                 "release_first_stage", "channels_last", "saved_activations")
+                 "release_first_stage", "channels_last", "saved_activations", "small_gemm")
 
 #: The low-memory preset (`main.py --lean`, the benchmark's `lean` variant): frozen weights stored in fp16
 #: (fp32 compute; fp16 rounds the weights 8x less than bf16), the activations kept for backward stored in

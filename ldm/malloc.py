@@ -1,22 +1,31 @@
-"""Give freed memory back to the kernel at once: the low-memory preset's allocator setting (glibc only).
+"""Give freed memory back to the kernel at once: the low-memory preset's allocator settings (glibc only).
 
 glibc serves a large allocation with its own mapping and unmaps it when it is freed, but it raises that
 size threshold to the largest block freed so far (up to 32 MiB). After the first training step nearly
 every activation tensor of a textual inversion step is below the raised threshold, so it comes from the
 heap, and the heap keeps what is freed: on LDM 1.4B (256 px, fp16 frozen weights) 0.6 GB stayed resident
-between steps. Measured there with `--lean` (2 threads, AMD EPYC), the step peak against the threshold:
-3.93 GB with glibc's default, 3.87 GB fixed at 4 MiB, 3.79 GB at 1 MiB, 3.57 GB at 128 KiB (kept). The
-price is a fresh page fault for every freed block used again: the step took 14.0 s at 128 KiB against
-12.3 s with the default (and 11.7 s at 1 MiB).
+between steps. `return_freed_memory` fixes the threshold at 128 KiB. Measured there with `--lean`
+(2 threads, AMD EPYC, small_gemm on), step peak and step time against the threshold: 3.78 GB / 7.7 s with
+glibc's default, 3.65 GB / 9.4 s at 1 MiB, 3.56 GB / 11.6 s at 128 KiB (kept).
 
-This is a setting of the whole process, so only entry points call it: `ldm.training.prepare` with
-`lean`, and the benchmark's `lean` preset.
+The price is a page fault for every 4 KiB of every freed block that is used again. `HUGE_PAGES`, glibc's
+tunable that backs its memory with transparent huge pages, takes most of it back: 3.56 GB / 9.7 s at
+128 KiB. glibc reads tunables only when a process starts (the `GLIBC_TUNABLES` environment variable), so
+`main.py --lean` restarts itself once with it (`restart_with_huge_pages`) and the benchmark starts its
+`lean` child with it; a Python caller of `ldm.training.train(lean=True)` sets the variable itself.
+
+These are settings of the whole process, so only entry points use them: `ldm.training.prepare` with
+`lean`, `main.py --lean`, and the benchmark's `lean` preset.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import platform
+import sys
+from collections.abc import Mapping
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -33,3 +42,26 @@ def return_freed_memory(threshold: int = THRESHOLD) -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, threshold))
+
+
+#: glibc's tunable for transparent huge pages under malloc (madvise mode; glibc 2.35 and later).
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+
+
+def with_huge_pages(env: Mapping[str, str]) -> dict[str, str] | None:
+    """`env` with `HUGE_PAGES` added to its GLIBC_TUNABLES, or None where it holds a hugetlb setting already
+    or the C library is not glibc on Linux."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb=" in tunables:
+        return None
+    return {**env, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES}
+
+
+def restart_with_huge_pages() -> None:
+    """Replace this process by itself, same interpreter and arguments, with `HUGE_PAGES` set; returns
+    (and does nothing) where `with_huge_pages` has nothing to add, so the restarted process goes on."""
+    env = with_huge_pages(os.environ)
+    if env is not None:
+        os.execve(sys.executable, sys.orig_argv, env)

@@ -62,11 +62,11 @@ class TrainOptions:
 
     `overrides` are `key.path=value` config overrides; `trainer` holds the trainer flags (`max_steps`,
     `gpus`, `precision`, ...), which win over `lightning.trainer` in the YAML. The speed options
-    `attention`, `gradient_checkpointing`, `frozen_weights`, `saved_activations`, `cache_first_stage` and
-    `channels_last` are model options (`model.params.*`); None keeps the config's value, except `attention`
-    ("sdpa") and `channels_last` (on), which apply unless the config sets them. `lean` fills the ones left
-    None from `ldm.loading.LEAN_OPTIONS` (the low-memory preset) and fixes glibc's mmap threshold
-    (`ldm/malloc.py`).
+    `attention`, `gradient_checkpointing`, `frozen_weights`, `saved_activations`, `cache_first_stage`,
+    `channels_last` and `small_gemm` are model options (`model.params.*`); None keeps the config's value,
+    except `attention` ("sdpa"), `channels_last` and `small_gemm` (on), which apply unless the config sets
+    them. `lean` fills the ones left None from `ldm.loading.LEAN_OPTIONS` (the low-memory preset) and fixes
+    glibc's mmap threshold (`ldm/malloc.py`).
     """
 
     base: list[str] = field(default_factory=list)
@@ -94,6 +94,7 @@ class TrainOptions:
     saved_activations: str | None = None
     cache_first_stage: bool | None = None
     channels_last: bool | None = None
+    small_gemm: bool | None = None
     lean: bool = False
     early_stopping: bool = False
     validation_prompts: list[str] = field(default_factory=list)

@@ -12,13 +12,15 @@ fp32) and every variant loads it, so the whole-process peak includes the load, a
 
 Variants: the presets
   default:   exactly what `main.py` does without speed flags (ldm.cli.speed_options);
-  lean:      `main.py --lean` (ldm.loading.LEAN_OPTIONS, and glibc's fixed mmap threshold, ldm/malloc.py);
+  lean:      `main.py --lean` (ldm.loading.LEAN_OPTIONS, glibc's fixed mmap threshold and huge pages,
+             ldm/malloc.py);
 or '+'-joined switches:
   reference: the faithful path (encoder every step, math attention, no checkpointing);
   cache:     first-stage moments of the training images cached (exact);
   sdpa:      PyTorch scaled-dot-product attention in the UNet and the BERT encoder;
   ckpt:      gradient checkpointing of the UNet's transformer blocks;
   cl:        channels-last memory format for the UNet;
+  gemm:      the UNet's frozen layers on few positions as weight-on-the-left products (ldm/modules/small_gemm.py);
   compile:   torch.compile of the UNet;
   bf16w, fp16w: frozen weights stored in bfloat16 / float16, computed in float32 (weights rounded; see
              ldm/modules/frozen_weights.py);
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -49,10 +52,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ldm.malloc import return_freed_memory  # noqa: E402
+from ldm.malloc import return_freed_memory, with_huge_pages  # noqa: E402
 from ldm.scripts_common import one_line_parser  # noqa: E402
 
-SWITCHES = ("reference", "cache", "sdpa", "ckpt", "cl", "compile", "bf16w", "fp16w", "fp16a", "release")
+SWITCHES = ("reference", "cache", "sdpa", "ckpt", "cl", "gemm", "compile", "bf16w", "fp16w", "fp16a", "release")
 PRESETS = ("default", "lean")
 PHASES = ("first_stage", "conditioning", "unet_forward", "backward", "optimizer")
 
@@ -88,7 +91,8 @@ def variant_options(variant: str, model_params) -> dict:
     frozen = "bf16" if "bf16w" in switches else "fp16" if "fp16w" in switches else "fp32"
     return {"attention": "sdpa" if "sdpa" in switches else "math", "gradient_checkpointing": "ckpt" in switches,
             "cache_first_stage": "cache" in switches, "frozen_weights": frozen,
-            "channels_last": "cl" in switches, "release_first_stage": "release" in switches,
+            "channels_last": "cl" in switches, "small_gemm": "gemm" in switches,
+            "release_first_stage": "release" in switches,
             "saved_activations": "fp16" if "fp16a" in switches else "fp32"}
 
 
@@ -300,7 +304,8 @@ def run_variants(opt, args: list[str], precisions: list[str]) -> list[dict]:
         for prec in precisions:
             for v in opt.variants:
                 cmd = [sys.executable, __file__, *args, "--child", f"{v}:{b}:{prec}"]
-                out = subprocess.run(cmd, capture_output=True, text=True)
+                env = (with_huge_pages(os.environ) if v == "lean" else None) or os.environ  # as main.py --lean
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if out.returncode or line is None:
                     print(out.stderr[-2000:], file=sys.stderr)

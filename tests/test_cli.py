@@ -359,6 +359,7 @@ def test_speed_flags_become_model_options():
     apply_overrides(config, opts())
     assert config.model.params.attention == "sdpa"  # main.py's default kernel
     assert config.model.params.channels_last is True  # and layout
+    assert config.model.params.small_gemm is True  # and products
     for key in ("gradient_checkpointing", "frozen_weights", "cache_first_stage"):
         assert key not in config.model.params  # unset flags leave the config's (or the model's) default
     config = _sd_config()
@@ -373,8 +374,13 @@ def test_speed_flags_become_model_options():
     assert config.model.params.attention == "math" and config.model.params.channels_last is False
     config = _sd_config()
     config.model.params.channels_last = False
+    config.model.params.small_gemm = False
     apply_overrides(config, opts())
     assert config.model.params.channels_last is False  # the config's layout is kept without a flag
+    assert config.model.params.small_gemm is False
+    config = _sd_config()
+    apply_overrides(config, opts("--small_gemm", "false"))
+    assert config.model.params.small_gemm is False
 
 
 def test_lean_fills_the_speed_options_not_given():

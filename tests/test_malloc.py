@@ -1,6 +1,7 @@
 """ldm/malloc.py: with the fixed threshold, memory freed after a step goes back to the kernel (glibc)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -43,3 +44,34 @@ def test_freed_activations_leave_the_process_only_with_the_fixed_threshold():
     assert default["held"] > 150 and fixed["held"] > 150  # the blocks were resident while alive
     assert default["kept"] > 150  # glibc's heap keeps them after the free (the raised threshold)
     assert fixed["fixed"] is True and fixed["kept"] < 20  # returned to the kernel
+
+
+def test_the_huge_pages_tunable_is_added_once():
+    from ldm.malloc import HUGE_PAGES, with_huge_pages
+
+    assert with_huge_pages({"PATH": "/bin"}) == {"PATH": "/bin", "GLIBC_TUNABLES": HUGE_PAGES}
+    other = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert with_huge_pages(other)["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{HUGE_PAGES}"
+    assert with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's choice stays
+
+
+def test_a_process_restarts_itself_once_with_huge_pages():
+    """The restarted process runs the same command again, finds the tunable set and goes on."""
+    code = ("import os, sys; from ldm.malloc import restart_with_huge_pages; print('start', flush=True); "
+            "restart_with_huge_pages(); print(os.environ['GLIBC_TUNABLES'])")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["start", "start", "glibc.malloc.hugetlb=1"]
+
+
+def test_main_lean_restarts_only_from_its_own_command_line(monkeypatch):
+    import main
+
+    restarts = []
+    monkeypatch.setattr(main, "restart_with_huge_pages", lambda: restarts.append(1))
+    monkeypatch.setattr(main, "prepare", lambda opts: (_ for _ in ()).throw(FileNotFoundError("stop here")))
+    assert main.main(["--lean", "--base", "x.yaml"]) == 1 and not restarts  # an in-process call: no restart
+    monkeypatch.setattr(sys, "argv", ["main.py", "--lean", "--base", "x.yaml"])
+    assert main.main() == 1 and restarts == [1]
+    monkeypatch.setattr(sys, "argv", ["main.py", "--base", "x.yaml"])
+    assert main.main() == 1 and restarts == [1]

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules import small_gemm
+from ldm.modules.small_gemm import SmallGemm
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -57,49 +60,93 @@ class UpcastBuffer:
         return data[:n].view(weight.shape).copy_(weight)
 
 
+def _compute_weight(buffer: UpcastBuffer | None, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a call computes with: upcast into `buffer`, or as it is when it is stored in float32."""
+    return weight if buffer is None else buffer.upcast(weight, dtype)
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, buffer):
+    def forward(ctx, x, weight, bias, buffer, small):
         ctx.save_for_backward(weight)
-        ctx.buffer = buffer
-        return F.linear(x, buffer.upcast(weight, x.dtype), None if bias is None else bias.to(x.dtype))
+        ctx.buffer, ctx.small = buffer, small
+        w = _compute_weight(buffer, weight, x.dtype)
+        b = None if bias is None else bias.to(x.dtype)
+        return small_gemm.linear(x, w, b) if small else F.linear(x, w, b)
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        return grad @ ctx.buffer.upcast(weight, grad.dtype), None, None, None
+        w = _compute_weight(ctx.buffer, weight, grad.dtype)
+        return small_gemm.linear_input_grad(grad, w) if ctx.small else grad @ w, None, None, None, None
 
 
 class _Conv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, buffer, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, bias, buffer, small, stride, padding, dilation, groups):
         ctx.save_for_backward(weight)
-        ctx.buffer = buffer
-        ctx.conf = (x.shape, stride, padding, dilation, groups)
-        return F.conv2d(x, buffer.upcast(weight, x.dtype), None if bias is None else bias.to(x.dtype), stride,
-                        padding, dilation, groups)
+        ctx.buffer, ctx.small = buffer, small
+        ctx.conf = (x.shape, small_gemm.memory_format_of(x), stride, padding, dilation, groups)
+        w = _compute_weight(buffer, weight, x.dtype)
+        b = None if bias is None else bias.to(x.dtype)
+        if small:
+            return small_gemm.conv2d(x, w, b, stride, padding)
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        shape, stride, padding, dilation, groups = ctx.conf
-        weight = ctx.buffer.upcast(weight, grad.dtype)
-        grad_x = torch.nn.grad.conv2d_input(shape, weight, grad, stride, padding, dilation, groups)
-        return grad_x, None, None, None, None, None, None, None
+        shape, memory_format, stride, padding, dilation, groups = ctx.conf
+        w = _compute_weight(ctx.buffer, weight, grad.dtype)
+        if ctx.small:
+            grad_x = small_gemm.conv2d_input_grad(grad, w, shape, stride, padding, memory_format)
+        else:
+            grad_x = torch.nn.grad.conv2d_input(shape, w, grad, stride, padding, dilation, groups)
+        return grad_x, None, None, None, None, None, None, None, None
+
+
+def _frozen(module: nn.Module) -> bool:
+    bias = getattr(module, "bias", None)
+    return not module.weight.requires_grad and (bias is None or not bias.requires_grad)
 
 
 class StoredLinear(nn.Linear):
-    upcast_buffer: UpcastBuffer
+    """A Linear whose frozen weight is stored in 16 bits (`upcast_buffer`) and/or whose small calls run as
+    `W @ X^T` (`small_gemm`, see ldm/modules/small_gemm.py). A float32 weight that requires grad, or an
+    input of another dtype, takes PyTorch's own path."""
+
+    upcast_buffer: UpcastBuffer | None = None  # None: the weight is float32
+    small_gemm: SmallGemm | None = None
 
     def forward(self, x):
-        return _Linear.apply(x, self.weight, self.bias, self.upcast_buffer)
+        stored = self.upcast_buffer is not None
+        small = (self.small_gemm is not None and (stored or (x.dtype == self.weight.dtype and _frozen(self)))
+                 and self.small_gemm.linear(x.numel() // x.shape[-1], self.weight))
+        if not stored and not small:
+            return F.linear(x, self.weight, self.bias)
+        return _Linear.apply(x, self.weight, self.bias, self.upcast_buffer, small)
 
 
 class StoredConv2d(nn.Conv2d):
-    upcast_buffer: UpcastBuffer
+    """The Conv2d counterpart of `StoredLinear`; the small path takes one-group, undilated convolutions of
+    a batched input."""
+
+    upcast_buffer: UpcastBuffer | None = None
+    small_gemm: SmallGemm | None = None
+
+    def _small(self, x) -> bool:
+        if self.small_gemm is None or x.dim() != 4 or self.groups != 1 or tuple(self.dilation) != (1, 1):
+            return False
+        if self.upcast_buffer is None and (x.dtype != self.weight.dtype or not _frozen(self)):
+            return False
+        ho, wo = small_gemm.conv_output_size(x.shape[2:], self.kernel_size, self.stride, self.padding)
+        return self.small_gemm.conv(x.shape[0] * ho * wo, self.weight)
 
     def forward(self, x):
-        return _Conv2d.apply(x, self.weight, self.bias, self.upcast_buffer, self.stride, self.padding,
+        small = self._small(x)
+        if self.upcast_buffer is None and not small:
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return _Conv2d.apply(x, self.weight, self.bias, self.upcast_buffer, small, self.stride, self.padding,
                              self.dilation, self.groups)
 
 
@@ -114,10 +161,11 @@ _STORED = {nn.Linear: StoredLinear, nn.Conv2d: StoredConv2d, nn.Embedding: Store
 
 def _convertible(module: nn.Module) -> bool:
     """A plain Linear/Conv2d/Embedding whose weight (and bias) are frozen and whose call we can reproduce."""
-    if type(module) not in _STORED or module.weight.requires_grad:
-        return False
-    if getattr(module, "bias", None) is not None and module.bias.requires_grad:
-        return False
+    return type(module) in _STORED and _frozen(module) and _reproducible(module)
+
+
+def _reproducible(module: nn.Module) -> bool:
+    """A Linear/Conv2d/Embedding whose call the stored classes reproduce."""
     if isinstance(module, nn.Conv2d):
         return module.padding_mode == "zeros" and not isinstance(module.padding, str)
     if isinstance(module, nn.Embedding):
@@ -142,3 +190,17 @@ def store_frozen_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) 
             module.bias.data = module.bias.data.to(dtype)
         converted += 1
     return converted
+
+
+def use_small_gemm(model: nn.Module, rule: SmallGemm | None = None) -> int:
+    """Run `model`'s frozen Linear and Conv2d calls that `rule` (default `SmallGemm()`) picks as `W @ X^T`
+    (ldm/modules/small_gemm.py), whatever their storage; returns the number of layers that may. Which calls
+    qualify is decided per call, so a layer that is unfrozen later takes PyTorch's path again."""
+    rule, count = rule or SmallGemm(), 0
+    for module in model.modules():
+        if type(module) in (nn.Linear, nn.Conv2d) and _reproducible(module):
+            module.__class__ = _STORED[type(module)]
+        if isinstance(module, (StoredLinear, StoredConv2d)):
+            module.small_gemm = rule
+            count += 1
+    return count

@@ -64,7 +64,7 @@ from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_sch
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.frozen_weights import DTYPES as FROZEN_DTYPES
-from ldm.modules.frozen_weights import check_frozen_weights, store_frozen_weights
+from ldm.modules.frozen_weights import check_frozen_weights, store_frozen_weights, use_small_gemm
 from ldm.modules.saved_activations import DTYPES as ACTIVATION_DTYPES
 from ldm.modules.saved_activations import check_saved_activations, saved_activations
 from ldm.util import (
@@ -113,8 +113,9 @@ class DDPM(pl.LightningModule):
     `frozen_weights` "fp32" | "fp16" | "bf16" (storage of the frozen weights, see `ldm/modules/frozen_weights.py`),
     `channels_last` (the UNet's weights and activations in NHWC: float-tolerance equal, faster convolutions
     on CPU), `saved_activations` "fp32" | "fp16" | "bf16" (storage of the activations a training step keeps
-    for backward, see `ldm/modules/saved_activations.py`) and, for `LatentDiffusion`, `cache_first_stage`
-    (exact; on by default for textual inversion).
+    for backward, see `ldm/modules/saved_activations.py`), `small_gemm` (the UNet's frozen layers on few
+    positions as `W @ X^T` products, see `ldm/modules/small_gemm.py`: float-tolerance equal, faster on CPU)
+    and, for `LatentDiffusion`, `cache_first_stage` (exact; on by default for textual inversion).
 
     With a `ckpt_path` that fills them (`checkpoint_fills`), the UNet and the two stages are built on the meta
     device, without memory or random init, and get their storage as the checkpoint fills them, tensor by
@@ -164,6 +165,7 @@ class DDPM(pl.LightningModule):
         gradient_checkpointing: bool = False,
         channels_last: bool = False,
         saved_activations: str = "fp32",
+        small_gemm: bool = False,
     ):
         super().__init__()
         if self.meta_init is None:
@@ -192,6 +194,9 @@ class DDPM(pl.LightningModule):
         self.frozen_weights = frozen_weights
         self.saved_activations = saved_activations
         self.store_if_frozen(self.model)
+        self.small_gemm = bool(small_gemm)
+        if self.small_gemm:
+            use_small_gemm(self.model)
         self.use_ema = use_ema
         if use_ema:
             self.model_ema = LitEma(self.model)
