@@ -4,13 +4,15 @@ glibc serves a large allocation with its own mapping and unmaps it when it is fr
 size threshold to the largest block freed so far (up to 32 MiB). After the first training step nearly
 every activation tensor of a textual inversion step is below the raised threshold, so it comes from the
 heap, and the heap keeps what is freed: on LDM 1.4B (256 px, fp16 frozen weights) 0.6 GB stayed resident
-between steps. `return_freed_memory` fixes the threshold at 128 KiB. Measured there with `--lean`
-(2 threads, AMD EPYC, small_gemm on), step peak and step time against the threshold: 3.78 GB / 7.7 s with
-glibc's default, 3.65 GB / 9.4 s at 1 MiB, 3.56 GB / 11.6 s at 128 KiB (kept).
+between steps. `return_freed_memory` fixes the threshold at 512 KiB.
 
-The price is a page fault for every 4 KiB of every freed block that is used again. `HUGE_PAGES`, glibc's
-tunable that backs its memory with transparent huge pages, takes most of it back: 3.56 GB / 9.7 s at
-128 KiB. glibc reads tunables only when a process starts (the `GLIBC_TUNABLES` environment variable), so
+The price is a page fault for every 4 KiB of every freed block above the threshold that is used again.
+`HUGE_PAGES`, glibc's tunable that backs its memory with transparent huge pages, takes much of it back
+for the blocks of 2 MiB and more. Measured on LDM 1.4B with `--lean` (256 px, 2 threads, AMD EPYC,
+small_gemm on; step peak / median step, two runs where given): glibc's default 3.78 GB / 7.7 s; fixed at
+1 MiB 3.65 GB / 9.4 s, with huge pages 3.65-3.66 GB / 8.9-9.3 s; at 512 KiB 3.58 GB / 10.4 s, with huge
+pages 3.59 GB / 8.4-9.6 s (kept); at 128 KiB 3.56 GB / 11.6 s, with huge pages 3.56 GB / 9.7-10.7 s.
+glibc reads tunables only when a process starts (the `GLIBC_TUNABLES` environment variable), so
 `main.py --lean` restarts itself once with it (`restart_with_huge_pages`) and the benchmark starts its
 `lean` child with it; a Python caller of `ldm.training.train(lean=True)` sets the variable itself.
 
@@ -29,7 +31,7 @@ from collections.abc import Mapping
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
-THRESHOLD = 128 * 1024  # glibc's initial threshold, kept fixed
+THRESHOLD = 512 * 1024
 
 
 def return_freed_memory(threshold: int = THRESHOLD) -> bool:

@@ -14,6 +14,10 @@ of weight (the allocator returns large blocks to the kernel), which made the upc
 Gradients flow to the layer inputs (and so to the embedding) only; frozen weights get none. Parameters that
 require grad are left untouched. Opt-in (`main.py --frozen_weights fp16|bf16`): the faithful path keeps
 float32 weights.
+
+The same classes carry the other frozen-layer option, `use_small_gemm` (`model.params.small_gemm`): calls
+on few positions run as weight-on-the-left products (ldm/modules/small_gemm.py), with 16-bit or float32
+weights alike; a float32 layer takes PyTorch's own path for every other call.
 """
 
 from __future__ import annotations
