@@ -84,7 +84,8 @@ def test_the_rule_picks_the_low_resolution_layers_of_ldm_1p4b():
 
 def test_a_trained_layer_takes_pytorchs_path(monkeypatch):
     """The small path computes no weight gradient, so a layer whose weight trains falls back to PyTorch's
-    (same weight gradient); the decision is taken per call, so freezing the layer later turns it on."""
+    (same weight gradient); the decision is taken per call, so freezing the layer later turns it on.
+    Under autocast the layer is PyTorch's too."""
     torch.manual_seed(0)
     layer, native = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
     native.load_state_dict(layer.state_dict())
@@ -98,6 +99,9 @@ def test_a_trained_layer_takes_pytorchs_path(monkeypatch):
     assert not calls and torch.equal(layer.weight.grad, native.weight.grad)
     layer.requires_grad_(False)
     assert_close(layer(x), native(x), rtol=1e-5, atol=1e-6, what="frozen output")
+    assert len(calls) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast picks the dtype: PyTorch's layer
+        assert layer(x).dtype == torch.bfloat16
     assert len(calls) == 1
 
 

@@ -116,15 +116,16 @@ def _frozen(module: nn.Module) -> bool:
 
 class StoredLinear(nn.Linear):
     """A Linear whose frozen weight is stored in 16 bits (`upcast_buffer`) and/or whose small calls run as
-    `W @ X^T` (`small_gemm`, see ldm/modules/small_gemm.py). A float32 weight that requires grad, or an
-    input of another dtype, takes PyTorch's own path."""
+    `W @ X^T` (`small_gemm`, see ldm/modules/small_gemm.py). A float32 weight that requires grad, an input
+    of another dtype, off the CPU or under autocast, takes PyTorch's own path."""
 
     upcast_buffer: UpcastBuffer | None = None  # None: the weight is float32
     small_gemm: SmallGemm | None = None
 
     def forward(self, x):
         stored = self.upcast_buffer is not None
-        small = (self.small_gemm is not None and (stored or (x.dtype == self.weight.dtype and _frozen(self)))
+        small = (self.small_gemm is not None and small_gemm.eligible(x)
+                 and (stored or (x.dtype == self.weight.dtype and _frozen(self)))
                  and self.small_gemm.linear(x.numel() // x.shape[-1], self.weight))
         if not stored and not small:
             return F.linear(x, self.weight, self.bias)
@@ -139,7 +140,9 @@ class StoredConv2d(nn.Conv2d):
     small_gemm: SmallGemm | None = None
 
     def _small(self, x) -> bool:
-        if self.small_gemm is None or x.dim() != 4 or self.groups != 1 or tuple(self.dilation) != (1, 1):
+        if self.small_gemm is None or not small_gemm.eligible(x) or x.dim() != 4 or self.groups != 1:
+            return False
+        if tuple(self.dilation) != (1, 1):
             return False
         if self.upcast_buffer is None and (x.dtype != self.weight.dtype or not _frozen(self)):
             return False

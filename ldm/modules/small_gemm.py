@@ -10,7 +10,8 @@ the gradient to the input is the transposed product folded back (col2im). The su
 so results are equal within float tolerance, not bitwise.
 
 Only the gradient to the input is computed: the layers are frozen (`ldm/modules/frozen_weights.py` calls
-these kernels and falls back to PyTorch's own for a weight that requires grad). `SmallGemm` is the rule for
+these kernels and falls back to PyTorch's own for a weight that requires grad, and off the CPU or under
+autocast). `SmallGemm` is the rule for
 which calls take this path; its defaults are the crossovers measured on that machine, where both kernels
 are within 10% of each other.
 """
@@ -41,6 +42,12 @@ class SmallGemm:
         if weight.shape[2:] == (1, 1):
             return self.linear(positions, weight)
         return positions <= self.max_conv_positions and weight.numel() >= self.min_conv_weight
+
+
+def eligible(x: torch.Tensor) -> bool:
+    """A call these kernels take at all: a CPU input outside autocast (the crossovers were measured on CPU
+    libraries; under autocast PyTorch's own layers pick the compute dtype)."""
+    return x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
 
 
 def conv_output_size(size: tuple[int, int], kernel: tuple[int, int], stride, padding) -> tuple[int, int]:
