@@ -21,7 +21,8 @@ import contextlib
 import torch
 from torch import nn
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from ldm.modules.frozen_weights import DTYPES  # the same names for both storage options
+
 MIN_BYTES = 1 << 20
 FP16_MAX = 65504.0
 

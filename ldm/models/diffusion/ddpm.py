@@ -63,9 +63,8 @@ from ldm.modules.attention import check_attention
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, noise_like
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.modules.frozen_weights import DTYPES as FROZEN_DTYPES
+from ldm.modules.frozen_weights import DTYPES as STORAGE_DTYPES
 from ldm.modules.frozen_weights import check_frozen_weights, store_frozen_weights, use_small_gemm
-from ldm.modules.saved_activations import DTYPES as ACTIVATION_DTYPES
 from ldm.modules.saved_activations import check_saved_activations, saved_activations
 from ldm.util import (
     count_params,
@@ -259,7 +258,7 @@ class DDPM(pl.LightningModule):
         exist at once (the loaded checkpoint is rounded on copy; see ldm/modules/frozen_weights.py)."""
         if self.frozen_weights != "fp32" and isinstance(module, nn.Module):
             freeze(module)
-            store_frozen_weights(module, FROZEN_DTYPES[self.frozen_weights])
+            store_frozen_weights(module, STORAGE_DTYPES[self.frozen_weights])
 
     # -- schedule ------------------------------------------------------------------------------------
 
@@ -482,7 +481,7 @@ class DDPM(pl.LightningModule):
     def saved_activations_scope(self):
         """The forward of a training step: what autograd saves for backward is stored as the
         `saved_activations` option says (ldm/modules/saved_activations.py)."""
-        return saved_activations(ACTIVATION_DTYPES[self.saved_activations], self)
+        return saved_activations(STORAGE_DTYPES[self.saved_activations], self)
 
     @torch.no_grad()
     def validation_step(self, batch, batch_idx):
