@@ -18,7 +18,7 @@ from ldm.callbacks import CUDACallback, ImageLogger, LearningRateMonitor, NonFin
 from ldm.checkpoint import CheckpointError
 from ldm.cli import UsageError, parse_args, trainer_flags
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401
-from ldm.malloc import restart_with_huge_pages
+from ldm.malloc import restart_lean
 from ldm.scripts_common import USER_ERRORS, report_error
 from ldm.training import TrainOptions, fit, prepare
 
@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     line `main.py: error: ...` and exit code 1 (2 for malformed flags), its traceback shown with --debug or
     TI_DEBUG=1."""
     opts = options_from_args(argv)
-    if opts.lean and argv is None:  # the command line itself: glibc reads its tunables only at start
-        restart_with_huge_pages()
+    if opts.lean and argv is None:  # the command line itself: the allocator is chosen at process start
+        restart_lean()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         job = prepare(opts)

@@ -66,8 +66,9 @@ class TrainOptions:
     `channels_last` and `small_gemm` are model options (`model.params.*`); None keeps the config's value,
     except `attention` ("sdpa"), `channels_last` and `small_gemm` (on), which apply unless the config sets
     them. `lean` fills the ones left None from `ldm.loading.LEAN_OPTIONS` (the low-memory preset) and fixes
-    glibc's mmap threshold (`ldm/malloc.py`); its huge pages need `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
-    in the environment Python starts with, which `main.py --lean` sets by restarting itself.
+    glibc's mmap threshold (`ldm/malloc.py`); its allocator (tcmalloc where the system has it, else glibc's
+    huge pages) is chosen in the environment Python starts with, `ldm.malloc.lean_environment`, which
+    `main.py --lean` sets by restarting itself.
     """
 
     base: list[str] = field(default_factory=list)

@@ -12,8 +12,8 @@ fp32) and every variant loads it, so the whole-process peak includes the load, a
 
 Variants: the presets
   default:   exactly what `main.py` does without speed flags (ldm.cli.speed_options);
-  lean:      `main.py --lean` (ldm.loading.LEAN_OPTIONS, glibc's fixed mmap threshold and huge pages,
-             ldm/malloc.py);
+  lean:      `main.py --lean` (ldm.loading.LEAN_OPTIONS, and its allocator: tcmalloc where the system has
+             it, else glibc's fixed mmap threshold and huge pages; ldm/malloc.py);
 or '+'-joined switches:
   reference: the faithful path (encoder every step, math attention, no checkpointing);
   cache:     first-stage moments of the training images cached (exact);
@@ -52,7 +52,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ldm.malloc import return_freed_memory, with_huge_pages  # noqa: E402
+from ldm.malloc import allocator, find_tcmalloc, lean_environment, return_freed_memory  # noqa: E402
 from ldm.scripts_common import one_line_parser  # noqa: E402
 
 SWITCHES = ("reference", "cache", "sdpa", "ckpt", "cl", "gemm", "compile", "bf16w", "fp16w", "fp16a", "release")
@@ -205,7 +205,7 @@ def child(opt, overrides) -> dict:
            "peak_rss_mb": whole_peak,
            "step_peak_rss_mb": step_peak, "unet_flops": flops, "unet_flop_per_s": flops / unet_s,
            "options": variant_options(variant, model_params_of(opt, overrides)), "from_ckpt": bool(opt.ckpt),
-           "torch": torch.__version__, "params": sum(p.numel() for p in model.parameters())}
+           "torch": torch.__version__, "allocator": allocator(), "params": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
@@ -244,12 +244,13 @@ def step_peak_rss_mb() -> float | None:
 
 def table(results: list[dict]) -> str:
     ref = {(r["batch"], r["precision"]): r for r in results if r["variant"] == "reference"}
-    head = ["variant", "batch", "prec", "step s", "x ref", "RSS MB", "x ref", "steps RSS MB", *PHASES,
+    head = ["variant", "batch", "prec", "alloc", "step s", "x ref", "RSS MB", "x ref", "steps RSS MB", *PHASES,
             "UNet GFLOP", "GFLOP/s"]
     rows = [head]
     for r in results:
         base = ref.get((r["batch"], r["precision"]))
-        rows.append([r["variant"], str(r["batch"]), r["precision"], f"{r['median_step_s']:.3f}",
+        rows.append([r["variant"], str(r["batch"]), r["precision"], r.get("allocator", "-"),
+                     f"{r['median_step_s']:.3f}",
                      f"{r['median_step_s'] / base['median_step_s']:.2f}" if base else "-",
                      f"{r['peak_rss_mb']:.0f}", f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}" if base else "-",
                      "-" if r["step_peak_rss_mb"] is None else f"{r['step_peak_rss_mb']:.0f}",
@@ -304,7 +305,8 @@ def run_variants(opt, args: list[str], precisions: list[str]) -> list[dict]:
         for prec in precisions:
             for v in opt.variants:
                 cmd = [sys.executable, __file__, *args, "--child", f"{v}:{b}:{prec}"]
-                env = (with_huge_pages(os.environ) if v == "lean" else None) or os.environ  # as main.py --lean
+                lean = lean_environment(os.environ, find_tcmalloc()) if v == "lean" else None
+                env = lean or os.environ  # as main.py --lean
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if out.returncode or line is None:

@@ -55,20 +55,64 @@ def test_the_huge_pages_tunable_is_added_once():
     assert with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's choice stays
 
 
-def test_a_process_restarts_itself_once_with_huge_pages():
-    """The restarted process runs the same command again, finds the tunable set and goes on."""
-    code = ("import os, sys; from ldm.malloc import restart_with_huge_pages; print('start', flush=True); "
-            "restart_with_huge_pages(); print(os.environ['GLIBC_TUNABLES'])")
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["start", "start", "glibc.malloc.hugetlb=1"]
+def test_the_lean_environment_preloads_tcmalloc_else_adds_huge_pages():
+    from ldm.malloc import HUGE_PAGES, lean_environment
+
+    tc = "libtcmalloc_minimal.so.4"
+    assert lean_environment({"PATH": "/bin"}, tc) == {"PATH": "/bin", "LD_PRELOAD": tc}
+    assert lean_environment({"LD_PRELOAD": "libfoo.so"}, tc)["LD_PRELOAD"] == f"{tc}:libfoo.so"
+    assert lean_environment({"PATH": "/bin"}, None) == {"PATH": "/bin", "GLIBC_TUNABLES": HUGE_PAGES}
+    assert lean_environment({"LD_PRELOAD": tc}, tc) is None  # the restarted process goes on
+    assert lean_environment({"LD_PRELOAD": "/opt/libjemalloc.so.2"}, tc) is None  # the user's allocator stays
+    assert lean_environment({"GLIBC_TUNABLES": HUGE_PAGES}, None) is None
+
+
+RESTART = ("import os, sys; from ldm.malloc import allocator, restart_lean; print('start', flush=True); "
+           "restart_lean(); print(os.environ.get('GLIBC_TUNABLES', '-'), os.environ.get('LD_PRELOAD', '-'), "
+           "allocator())")
+
+
+def restarted(env: dict) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", RESTART], cwd=REPO, env=env, capture_output=True, text=True,
+                         check=True)
+    return out.stdout.split()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables and LD_PRELOAD")
+def test_a_process_restarts_itself_once_in_the_lean_environment():
+    """The restarted process runs the same command again, finds its allocator set and goes on; where the
+    system has tcmalloc it runs on it, else on glibc with huge pages."""
+    from ldm.malloc import find_tcmalloc
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    tc = find_tcmalloc()
+    if tc is None:
+        assert restarted(env) == ["start", "start", "glibc.malloc.hugetlb=1", "-", "glibc"]
+    else:
+        assert restarted(env) == ["start", "start", "-", tc, "tcmalloc"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables")
+def test_without_tcmalloc_the_restart_sets_huge_pages(monkeypatch):
+    """The glibc fallback, whatever this machine has installed: find_tcmalloc finds nothing."""
+    from ldm import malloc
+
+    calls = []
+    monkeypatch.setattr(malloc, "find_tcmalloc", lambda: None)
+    monkeypatch.setattr(malloc.os, "execve", lambda exe, argv, env: calls.append((exe, argv, env)))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    malloc.restart_lean()
+    [(exe, argv, env)] = calls
+    assert exe == sys.executable and argv == sys.orig_argv and env["GLIBC_TUNABLES"] == malloc.HUGE_PAGES
+    assert "LD_PRELOAD" not in env
 
 
 def test_main_lean_restarts_only_from_its_own_command_line(monkeypatch):
     import main
 
     restarts = []
-    monkeypatch.setattr(main, "restart_with_huge_pages", lambda: restarts.append(1))
+    monkeypatch.setattr(main, "restart_lean", lambda: restarts.append(1))
     monkeypatch.setattr(main, "prepare", lambda opts: (_ for _ in ()).throw(FileNotFoundError("stop here")))
     assert main.main(["--lean", "--base", "x.yaml"]) == 1 and not restarts  # an in-process call: no restart
     monkeypatch.setattr(sys, "argv", ["main.py", "--lean", "--base", "x.yaml"])
