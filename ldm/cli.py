@@ -111,9 +111,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="the UNet in channels-last (NHWC) layout (model.params.channels_last; equal within "
                         "float tolerance, faster convolutions on CPU; default on unless the config says otherwise)")
     p.add_argument("--small_gemm", type=str2bool, nargs="?", const=True, default=None,
-                   help="the UNet's frozen layers on few positions as weight-on-the-left matrix products "
-                        "(model.params.small_gemm; equal within float tolerance, faster on CPU; default on "
-                        "unless the config says otherwise)")
+                   help="the UNet's frozen layers on few positions as weight-on-the-left matrix products, "
+                        "wide linear layers in blocks of output features (model.params.small_gemm; equal "
+                        "within float tolerance, faster on CPU; default on unless the config says otherwise)")
     p.add_argument("--lean", type=str2bool, nargs="?", const=True, default=False,
                    help="the low-memory preset (ldm.loading.LEAN_OPTIONS) for the speed options not given: "
                         "frozen weights and saved activations stored in fp16, the autoencoder's unused halves "

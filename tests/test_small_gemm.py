@@ -15,6 +15,7 @@ from ldm.modules.saved_activations import saved_activations
 from ldm.modules.small_gemm import SmallGemm
 
 EVERY_CALL = SmallGemm(max_rows=10**9, min_linear_weight=0, max_conv_positions=10**9, min_conv_weight=0)
+EVERY_WIDE = SmallGemm(max_rows=0, max_conv_positions=0, max_wide_rows=10**9, min_wide_features=1, wide_block=3)
 
 
 def forward_backward(layer, x, grad):
@@ -68,6 +69,26 @@ def test_linear_kernel_matches_pytorch():
     assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6, what="input gradient")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16-stored"])
+def test_wide_linear_in_blocks_matches_pytorch(dtype, monkeypatch):
+    """Output features in blocks of 3 (the last one short), each block of a 16-bit weight upcast on its own:
+    the same output and input gradient as the layer without the rule."""
+    torch.manual_seed(0)
+    native = nn.Linear(12, 10).requires_grad_(False)
+    store_frozen_weights(native, dtype)
+    wide = copy.deepcopy(native)
+    use_small_gemm(wide, EVERY_WIDE)
+    calls = []
+    original = small_gemm.linear_blocks
+    monkeypatch.setattr(small_gemm, "linear_blocks", lambda *a: calls.append(a) or original(*a))
+    x, grad = torch.randn(2, 5, 12), torch.randn(2, 5, 10)
+    y_ref, gx_ref = forward_backward(native, x, grad)
+    y, gx = forward_backward(wide, x, grad)
+    assert len(calls) == 1 and y.shape == y_ref.shape and y.is_contiguous()
+    assert_close(y, y_ref, rtol=1e-5, atol=1e-6, what="output")
+    assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6, what="input gradient")
+
+
 def test_the_rule_picks_the_low_resolution_layers_of_ldm_1p4b():
     """The documented defaults on LDM 1.4B's shapes at 256 px: the 1280-channel convolutions at 8x8 and 4x4
     and the 16x16 ones of 1280 channels take the product; 320- and 640-channel maps and BERT's 77 tokens
@@ -80,6 +101,9 @@ def test_the_rule_picks_the_low_resolution_layers_of_ldm_1p4b():
     assert rule.conv(8 * 8, conv(1280, 2560, 1)) and not rule.conv(16 * 16, conv(1280, 2560, 1))  # 1x1: rows
     assert rule.linear(64, torch.empty(10240, 1280)) and not rule.linear(77, torch.empty(5120, 1280))
     assert not rule.linear(16, torch.empty(320, 320))
+    # in blocks: BERT's feed-forward up-projection (77 tokens) and the 16x16 transformers' (256 tokens)
+    assert rule.wide(77, torch.empty(5120, 1280)) and rule.wide(256, torch.empty(5120, 640))
+    assert not rule.wide(77, torch.empty(1280, 5120)) and not rule.wide(1024, torch.empty(2560, 320))
 
 
 def test_a_trained_layer_takes_pytorchs_path(monkeypatch):
@@ -120,8 +144,8 @@ def test_a_saved_float32_weight_is_not_rounded_by_saved_activations():
 
 def test_small_gemm_matches_on_the_tiny_models(case, monkeypatch):  # noqa: F811
     """Every frozen UNet layer of the tiny models on the small path (the defaults never pick their small
-    weights): same loss and embedding gradient within float tolerance, same state-dict keys; with 16-bit
-    weights too."""
+    weights), then every text-encoder linear layer in blocks too: same loss and embedding gradient within
+    float tolerance, same state-dict keys; with 16-bit weights too."""
     model, batch, f, name = case
     ref_loss, ref_grad = step(model, batch, f)
     built = with_options(model, name, small_gemm=True)
@@ -138,6 +162,16 @@ def test_small_gemm_matches_on_the_tiny_models(case, monkeypatch):  # noqa: F811
     assert len(calls) >= 10  # the small path really ran
     assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6, what="loss")
     assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7, what="grad")
+    encoder = [m for m in built.cond_stage_model.modules() if isinstance(m, StoredLinear)]
+    assert encoder and all(m.small_gemm == SmallGemm() for m in encoder)  # the text encoder has the rule
+    use_small_gemm(built.cond_stage_model, EVERY_WIDE)
+    blocks = []
+    original_blocks = small_gemm.linear_blocks
+    monkeypatch.setattr(small_gemm, "linear_blocks", lambda *a: blocks.append(a) or original_blocks(*a))
+    loss, grad = step(built, batch, f)
+    assert len(blocks) >= 4  # the text encoder's linear layers ran in blocks
+    assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6, what="loss, text encoder in blocks")
+    assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7, what="grad, text encoder in blocks")
     stored, both = copy.deepcopy(model), copy.deepcopy(model)
     store_frozen_weights(stored, torch.float16)
     store_frozen_weights(both, torch.float16)

@@ -71,18 +71,20 @@ def _compute_weight(buffer: UpcastBuffer | None, weight: torch.Tensor, dtype: to
 
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, buffer, small):
+    def forward(ctx, x, weight, bias, buffer, small, block):
         ctx.save_for_backward(weight)
         ctx.buffer, ctx.small = buffer, small
-        w = _compute_weight(buffer, weight, x.dtype)
         b = None if bias is None else bias.to(x.dtype)
+        if block:
+            return small_gemm.linear_blocks(x, weight, b, block, lambda w: _compute_weight(buffer, w, x.dtype))
+        w = _compute_weight(buffer, weight, x.dtype)
         return small_gemm.linear(x, w, b) if small else F.linear(x, w, b)
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         w = _compute_weight(ctx.buffer, weight, grad.dtype)
-        return small_gemm.linear_input_grad(grad, w) if ctx.small else grad @ w, None, None, None, None
+        return small_gemm.linear_input_grad(grad, w) if ctx.small else grad @ w, None, None, None, None, None
 
 
 class _Conv2d(torch.autograd.Function):
@@ -123,13 +125,15 @@ class StoredLinear(nn.Linear):
     small_gemm: SmallGemm | None = None
 
     def forward(self, x):
-        stored = self.upcast_buffer is not None
-        small = (self.small_gemm is not None and small_gemm.eligible(x)
-                 and (stored or (x.dtype == self.weight.dtype and _frozen(self)))
-                 and self.small_gemm.linear(x.numel() // x.shape[-1], self.weight))
-        if not stored and not small:
+        stored, rule = self.upcast_buffer is not None, self.small_gemm
+        ours = (rule is not None and small_gemm.eligible(x)
+                and (stored or (x.dtype == self.weight.dtype and _frozen(self))))
+        rows = x.numel() // x.shape[-1]
+        small = ours and rule.linear(rows, self.weight)
+        block = rule.wide_block if ours and not small and rule.wide(rows, self.weight) else 0
+        if not stored and not small and not block:
             return F.linear(x, self.weight, self.bias)
-        return _Linear.apply(x, self.weight, self.bias, self.upcast_buffer, small)
+        return _Linear.apply(x, self.weight, self.bias, self.upcast_buffer, small, block)
 
 
 class StoredConv2d(nn.Conv2d):

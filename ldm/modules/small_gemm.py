@@ -18,6 +18,7 @@ machine, where both kernels are within 10% of each other.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,15 +29,23 @@ import torch.nn.functional as F
 class SmallGemm:
     """Which frozen calls run as `W @ X^T`: a linear layer (or 1x1 convolution) with at most `max_rows`
     rows and a weight of at least `min_linear_weight` elements; a larger convolution kernel with at most
-    `max_conv_positions` output positions and at least `min_conv_weight` weight elements."""
+    `max_conv_positions` output positions and at least `min_conv_weight` weight elements. Which other
+    linear calls run in blocks of `wide_block` output features (`linear_blocks`): at most `max_wide_rows`
+    rows and at least `min_wide_features` output features."""
 
     max_rows: int = 64
     min_linear_weight: int = 1 << 20
     max_conv_positions: int = 256
     min_conv_weight: int = 1 << 23
+    max_wide_rows: int = 256
+    min_wide_features: int = 4096
+    wide_block: int = 512
 
     def linear(self, rows: int, weight: torch.Tensor) -> bool:
         return rows <= self.max_rows and weight.numel() >= self.min_linear_weight
+
+    def wide(self, rows: int, weight: torch.Tensor) -> bool:
+        return rows <= self.max_wide_rows and weight.shape[0] >= self.min_wide_features
 
     def conv(self, positions: int, weight: torch.Tensor) -> bool:
         if weight.shape[2:] == (1, 1):
@@ -65,6 +74,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     rows = x.reshape(-1, x.shape[-1])
     out = torch.mm(weight, rows.t()) if bias is None else torch.addmm(bias[:, None], weight, rows.t())
     return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block: int,
+                  upcast: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` computed `block` output features at a time, each block of the weight
+    passed through `upcast` (to the compute dtype) just before its product."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = rows.new_empty(rows.shape[0], weight.shape[0])
+    for i in range(0, weight.shape[0], block):
+        b = None if bias is None else bias[i:i + block]
+        out[:, i:i + block] = F.linear(rows, upcast(weight[i:i + block]), b)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def linear_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

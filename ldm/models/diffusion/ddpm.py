@@ -113,7 +113,8 @@ class DDPM(pl.LightningModule):
     `channels_last` (the UNet's weights and activations in NHWC: float-tolerance equal, faster convolutions
     on CPU), `saved_activations` "fp32" | "fp16" | "bf16" (storage of the activations a training step keeps
     for backward, see `ldm/modules/saved_activations.py`), `small_gemm` (the UNet's frozen layers on few
-    positions as `W @ X^T` products, see `ldm/modules/small_gemm.py`: float-tolerance equal, faster on CPU)
+    positions as `W @ X^T` products, and wide linear layers of the UNet and the text encoder in blocks of
+    output features, see `ldm/modules/small_gemm.py`: float-tolerance equal, faster on CPU)
     and, for `LatentDiffusion`, `cache_first_stage` (exact; on by default for textual inversion).
 
     With a `ckpt_path` that fills them (`checkpoint_fills`), the UNet and the two stages are built on the meta
@@ -575,6 +576,9 @@ class LatentDiffusion(DDPM):
             self.instantiate_cond_stage(with_params(cond_stage_config, text_options, only_if_accepted=True))
         self.store_if_frozen(self.first_stage_model)
         self.store_if_frozen(self.cond_stage_model)
+        text_encoder = self.cond_stage_model not in (None, self.first_stage_model)  # compared by identity
+        if self.small_gemm and text_encoder:
+            use_small_gemm(self.cond_stage_model)  # the text encoder's wide products (BERT's feed-forward)
         self.cond_stage_forward = cond_stage_forward
         self.clip_denoised = False
         self.restarted_from_ckpt = False
