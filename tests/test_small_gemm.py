@@ -92,7 +92,7 @@ def test_wide_linear_in_blocks_matches_pytorch(dtype, monkeypatch):
 def test_the_rule_picks_the_low_resolution_layers_of_ldm_1p4b():
     """The documented defaults on LDM 1.4B's shapes at 256 px: the 1280-channel convolutions at 8x8 and 4x4
     and the 16x16 ones of 1280 channels take the product; 320- and 640-channel maps and BERT's 77 tokens
-    stay on PyTorch's kernels."""
+    do not; BERT's feed-forward up-projection and the 16x16 transformers' run in blocks."""
     rule = SmallGemm()
     conv = lambda cout, cin, k=3: torch.empty(cout, cin, k, k)  # noqa: E731
     assert rule.conv(8 * 8, conv(1280, 1280)) and rule.conv(4 * 4, conv(1280, 2560))
