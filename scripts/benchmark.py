@@ -20,7 +20,8 @@ or '+'-joined switches:
   sdpa:      PyTorch scaled-dot-product attention in the UNet and the BERT encoder;
   ckpt:      gradient checkpointing of the UNet's transformer blocks;
   cl:        channels-last memory format for the UNet;
-  gemm:      the UNet's frozen layers on few positions as weight-on-the-left products (ldm/modules/small_gemm.py);
+  gemm:      the UNet's frozen layers on few positions as weight-on-the-left products, wide linear layers
+             of the UNet and the text encoder in blocks of outputs (ldm/modules/small_gemm.py);
   compile:   torch.compile of the UNet;
   bf16w, fp16w: frozen weights stored in bfloat16 / float16, computed in float32 (weights rounded; see
              ldm/modules/frozen_weights.py);

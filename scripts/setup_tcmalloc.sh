@@ -3,7 +3,8 @@
 # memory as glibc's settings with far fewer page faults (about 1.4 s per LDM 1.4B step). Optional: without
 # it --lean falls back to glibc. Debian and Ubuntu only (libtcmalloc-minimal4), as root or with sudo.
 set -euo pipefail
-found() { python3 -c "import ctypes.util, sys; sys.exit(not ctypes.util.find_library('tcmalloc_minimal'))"; }
+cd "$(dirname "$0")/.."
+found() { python3 -c "import sys; from ldm.malloc import find_tcmalloc; sys.exit(find_tcmalloc() is None)"; }
 if found; then
   echo "setup_tcmalloc.sh: tcmalloc is installed already"
   exit 0

@@ -16,8 +16,9 @@ require grad are left untouched. Opt-in (`main.py --frozen_weights fp16|bf16`): 
 float32 weights.
 
 The same classes carry the other frozen-layer option, `use_small_gemm` (`model.params.small_gemm`): calls
-on few positions run as weight-on-the-left products (ldm/modules/small_gemm.py), with 16-bit or float32
-weights alike; a float32 layer takes PyTorch's own path for every other call.
+on few positions run as weight-on-the-left products, wide linear calls in blocks of output features
+(ldm/modules/small_gemm.py), with 16-bit or float32 weights alike; a float32 layer takes PyTorch's own
+path for every other call.
 """
 
 from __future__ import annotations
